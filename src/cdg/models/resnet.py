@@ -1,0 +1,158 @@
+"""ResNet-18 / ResNet-50 backbones with a pluggable 3x3 convolution (SPEC sections 1 and 6).
+
+Every 3x3 convolution inside the residual blocks is built by ``conv_layer(in, out, stride)``, a
+factory returning a module with ``forward(x, branch=0)``. :class:`Conv3x3` is the dense default;
+:func:`cdg.nn.make_conv_layer` returns the gated convolutions. The stem, the 1x1 shortcuts and any
+classifier stay dense. ``forward(x, branch)`` routes the contrastive branch (0 = a1, 1 = a2) to
+every block, so the two views go through the backbone in separate calls (SPEC section 2).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from cdg.models.registry import register_model
+
+
+class ConvLayer(Protocol):
+    def __call__(self, in_channels: int, out_channels: int, stride: int = 1) -> nn.Module: ...
+
+
+class Conv3x3(nn.Conv2d):
+    """Dense 3x3 convolution (padding 1, no bias) that accepts and ignores ``branch``."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__(in_channels, out_channels, 3, stride, 1, bias=False)
+
+    def forward(self, x: Tensor, branch: int = 0) -> Tensor:  # type: ignore[override]
+        return super().forward(x)
+
+
+def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
+    if stride == 1 and in_planes == out_planes:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int, conv_layer: ConvLayer) -> None:
+        super().__init__()
+        self.conv1 = conv_layer(in_planes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv_layer(planes, planes, 1)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _shortcut(in_planes, planes, stride)
+
+    def forward(self, x: Tensor, branch: int = 0) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x, branch)))
+        out = self.bn2(self.conv2(out, branch))
+        return torch.relu(out + self.shortcut(x))
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn2
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int, conv_layer: ConvLayer) -> None:
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv_layer(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.shortcut = _shortcut(in_planes, out_planes, stride)
+
+    def forward(self, x: Tensor, branch: int = 0) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out, branch)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn3
+
+
+class ResNet(nn.Module):
+    """ResNet backbone returning pooled features (``num_features`` wide).
+
+    Args:
+        block, layers: block type and blocks per stage.
+        width: channel multiplier of every stage (0.25, 0.5, 1, 2, ...).
+        stem: ``cifar`` (3x3 conv, stride 1, no max-pool) or ``imagenet`` (7x7/2 conv + max-pool).
+        conv_layer: factory for the 3x3 convolutions inside the blocks.
+        zero_init_residual: zero the last BN of each block (SimSiam recipe).
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: tuple[int, ...],
+        width: float = 1.0,
+        stem: str = "cifar",
+        conv_layer: ConvLayer | Callable[..., nn.Module] = Conv3x3,
+        zero_init_residual: bool = False,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        if width <= 0:
+            raise ValueError(f"width multiplier must be > 0, got {width}")
+        widths = [int(round(64 * width * 2**i)) for i in range(4)]
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        elif stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        else:
+            raise ValueError(f"unknown stem {stem!r}; valid: cifar, imagenet")
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.width, self.stem = width, stem
+        in_planes = widths[0]
+        stages = []
+        for i, (planes, n) in enumerate(zip(widths, layers)):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(in_planes, planes, 2 if (i > 0 and j == 0) else 1, conv_layer))
+                in_planes = planes * block.expansion
+            stages.append(nn.ModuleList(blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.num_features = in_planes
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d) and m.affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.last_bn().weight)
+
+    def forward(self, x: Tensor, branch: int = 0) -> Tensor:
+        """Pooled features of ``x`` computed on contrastive branch ``branch`` (0 = a1, 1 = a2)."""
+        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for blk in stage:
+                x = blk(x, branch)
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+@register_model("resnet18")
+def resnet18(**kwargs) -> ResNet:
+    """ResNet-18 (BasicBlock, 2-2-2-2): 16 3x3 block convolutions, 512 * width features."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), **kwargs)
+
+
+@register_model("resnet50")
+def resnet50(**kwargs) -> ResNet:
+    """ResNet-50 (Bottleneck, 3-4-6-3): 16 3x3 block convolutions, 2048 * width features."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), **kwargs)

@@ -1,0 +1,375 @@
+"""The gated 3x3 convolution of Contrastive Dual Gating (paper Sec. 2.1, 3, 4; SPEC section 1).
+
+A convolution with weight ``W`` (C_out x C_in x 3 x 3) is split into G groups along both channel
+axes. For contrastive branch ``a_i`` the *base path* reads, for each output group ``o``, only the
+input group ``pi_i(o)`` (Eq. 1)::
+
+    Y_base = X_base * W_b                                                        (Eq. 1)
+
+and a learned threshold ``tau`` gates the remaining *conditional path* per output element::
+
+    M = step(normal(S) - tau)         S = Y_base, or its C_g-group average       (Eq. 2, 12)
+    Y = Y_base + M * Y_cond           Y_cond = X_cond * W_c = conv(X, W) - Y_base (Eq. 3)
+
+Backward uses the CGNet "gradient smoothing": dM/dn = alpha * s * (1 - s), s = sigmoid(alpha(n - tau)).
+
+Training computes the dense convolution once plus the base path once as a grouped convolution
+(1 + 1/G dense-conv costs), which equals the reference form ``Y_full * M + Y_base * (1 - M)`` in
+values and gradients. The three steps (:meth:`GatedConv2d.base_path`, :meth:`GatedConv2d.gate`,
+:meth:`GatedConv2d.combine`) are separate so that a sparse kernel can replace ``combine``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GatingMode = Literal["dual", "shared_base", "unified"]
+Norm = Literal["instance", "batch"]
+Surrogate = Literal["sigmoid", "one_sided", "hard_sigmoid"]
+
+GATING_MODES: tuple[str, ...] = ("dual", "shared_base", "unified")
+NORMS: tuple[str, ...] = ("instance", "batch")
+SURROGATES: tuple[str, ...] = ("sigmoid", "one_sided", "hard_sigmoid")
+OVERLAPS: tuple[int, ...] = (0, 50, 75, 100)
+
+
+def base_path_blocks(gate_groups: int, branch: int, mode: str = "dual", overlap: int = 0) -> tuple[int, ...]:
+    """Input group read by each output group in the base path of ``branch`` (SPEC section 1).
+
+    Returns ``pi`` with ``pi[o]`` the input group of output group ``o``.
+
+    * branch a1 (0): the diagonal, ``pi(o) = o``.
+    * branch a2 (1), ``dual`` mode: the inverse diagonal ``pi(o) = G-1-o`` for even G, the cyclic
+      shift ``pi(o) = (o+1) mod G`` for odd G (both disjoint from a1 for G > 1).
+    * ``shared_base`` and ``unified`` modes: a2 uses the diagonal too (CGNet_SimCLR, Table 1/6).
+    * ``overlap`` (Table 2, G = 4, dual mode): percentage of a2's base blocks shared with a1.
+      100 -> diagonal; 75 -> {(0,0),(1,1),(2,2),(3,0)}; 50 -> {(0,0),(1,1),(2,0),(3,1)} (input
+      groups 2 and 3 never enter a2, the paper's reading of Fig. 5c); 0 -> inverse diagonal.
+    """
+    g = gate_groups
+    if branch not in (0, 1):
+        raise ValueError(f"branch must be 0 (a1) or 1 (a2), got {branch!r}")
+    if mode not in GATING_MODES:
+        raise ValueError(f"unknown gating mode {mode!r}; valid: {', '.join(GATING_MODES)}")
+    if overlap not in OVERLAPS:
+        raise ValueError(f"unknown base-path overlap {overlap!r}; valid: {OVERLAPS}")
+    diagonal = tuple(range(g))
+    if branch == 0 or mode != "dual" or overlap == 100 or g == 1:
+        return diagonal
+    if overlap == 0:
+        return tuple(g - 1 - o for o in range(g)) if g % 2 == 0 else tuple((o + 1) % g for o in range(g))
+    if g != 4:
+        raise ValueError(f"base-path overlap {overlap}% is defined for gate_groups=4 only (Table 2), got G={g}")
+    return (0, 1, 2, 0) if overlap == 75 else (0, 1, 0, 1)
+
+
+class _SmoothedStep(torch.autograd.Function):
+    """M = step(n - tau) forward; surrogate derivative backward (CGNet gradient smoothing)."""
+
+    @staticmethod
+    def forward(ctx, n: Tensor, tau: Tensor, alpha: float, surrogate: str) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(n, tau)
+        ctx.alpha, ctx.surrogate = alpha, surrogate
+        return (n > tau).to(n.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        n, tau = ctx.saved_tensors
+        d = gate_surrogate_derivative(n - tau, ctx.alpha, ctx.surrogate)
+        grad_n = grad * d
+        grad_tau = -grad_n.sum(dim=(0, 2, 3), keepdim=True).reshape(tau.shape)
+        return grad_n, grad_tau, None, None
+
+
+def gate_surrogate_derivative(u: Tensor, alpha: float = 2.0, surrogate: str = "sigmoid") -> Tensor:
+    """dM/du of the gate at ``u = n - tau`` (SPEC section 1, "Gate").
+
+    * ``sigmoid``: alpha * s * (1 - s), s = sigmoid(alpha * u).
+    * ``one_sided``: the same where the gate is open (u > 0), zero where it is closed.
+    * ``hard_sigmoid``: alpha / 4 inside |u| < 2 / alpha, zero outside.
+    """
+    if surrogate == "hard_sigmoid":
+        return (u.abs() < 2.0 / alpha).to(u.dtype) * (alpha / 4.0)
+    s = torch.sigmoid(alpha * u)
+    d = alpha * s * (1.0 - s)
+    if surrogate == "one_sided":
+        d = d * (u > 0).to(u.dtype)
+    return d
+
+
+def smoothed_step(n: Tensor, tau: Tensor, alpha: float = 2.0, surrogate: str = "sigmoid") -> Tensor:
+    """The gate sigma_s of Eq. 2: a hard 0/1 step forward, a smooth surrogate backward."""
+    return _SmoothedStep.apply(n, tau, alpha, surrogate)
+
+
+def _channels_last_view(t: Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+class _FusedInstanceGate(torch.autograd.Function):
+    """Training fast path: salience -> instance norm -> step -> Eq. 3 combine, in one function.
+
+    Exactly the composition ``combine(gate(salience(y_base)))`` with ``norm="instance"``, with the
+    backward written out so that autograd stores and runs far fewer elementwise passes (the
+    composable form costs more than the convolutions on a CPU). Tested against that composition.
+    Channels-last inputs are processed as contiguous N x H x W x C views (mixed layouts are slow).
+    Returns the layer output and the 0/1 mask (one entry per C_g group, N x C/C_g x H x W).
+    """
+
+    @staticmethod
+    def forward(ctx, y_full: Tensor, y_base: Tensor, tau: Tensor, alpha: float, surrogate: str, group_size: int):  # type: ignore[override]
+        nhwc = _channels_last_view(y_base) and _channels_last_view(y_full)
+        if nhwc:  # channel axis last: reduce over (1, 2)
+            y_full, y_base = y_full.permute(0, 2, 3, 1), y_base.permute(0, 2, 3, 1)
+        cdim, sdims = (3, (1, 2)) if nhwc else (1, (2, 3))
+        cdt = torch.promote_types(y_base.dtype, torch.float32)  # gate math in fp32 (fp64 in tests)
+        s = _group_mean(y_base.to(cdt), group_size, cdim)
+        mu, rstd = _spatial_moments(s, sdims)
+        t = tau.to(cdt).view((1, 1, 1, -1) if nhwc else (1, -1, 1, 1))
+        # n > tau  <=>  s > mu + tau / rstd: no normalised tensor is needed in the forward pass
+        mask = (s > mu + t / rstd).to(y_base.dtype)
+        y_cond = y_full - y_base
+        out = torch.addcmul(y_base, _group_repeat(mask, group_size, cdim), y_cond)  # Eq. 3
+        ctx.save_for_backward(y_cond, s, mu, rstd, t, mask)
+        ctx.alpha, ctx.surrogate, ctx.group_size, ctx.nhwc = alpha, surrogate, group_size, nhwc
+        ctx.tau_shape, ctx.tau_dtype = tau.shape, tau.dtype
+        ctx.mark_non_differentiable(mask)
+        if nhwc:
+            out, mask = out.permute(0, 3, 1, 2), mask.permute(0, 3, 1, 2)
+        return out, mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_mask: Tensor | None):  # type: ignore[override]
+        y_cond, s, mu, rstd, t, mask = ctx.saved_tensors
+        g, nhwc, alpha = ctx.group_size, ctx.nhwc, ctx.alpha
+        cdim, sdims = (3, (1, 2)) if nhwc else (1, (2, 3))
+        if nhwc:
+            grad = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        else:
+            grad = grad.contiguous()
+        grad_full = grad * _group_repeat(mask, g, cdim)
+        grad_m = _group_sum((grad * y_cond).to(s.dtype), g, cdim)  # dL/dM = dL/dY * Y_cond
+        if ctx.surrogate == "sigmoid":
+            # alpha * (n - tau) = s * (alpha rstd) - alpha (mu rstd + tau): one pass, then
+            # grad_n = alpha * sig * (1 - sig) * grad_m through sigmoid's own backward kernel.
+            k = alpha * rstd
+            sig = torch.sigmoid(torch.addcmul(-k * mu - alpha * t, s, k))
+            gb = torch.ops.aten.sigmoid_backward(grad_m, sig)
+            scale = alpha
+        else:
+            gb = grad_m * gate_surrogate_derivative((s - mu) * rstd - t, alpha, ctx.surrogate)
+            scale = 1.0
+        # grad_n = scale * gb.  Instance-norm backward dS = rstd (dN - mean(dN) - N mean(dN N)),
+        # written with per-(sample, channel) coefficients: dS = c1 * gb + c2 * s + c3.
+        mean_gb = gb.mean(sdims, keepdim=True)
+        mean_gbs = (gb * s).mean(sdims, keepdim=True)
+        b = rstd * (mean_gbs - mu * mean_gb)  # mean(gb * n)
+        c1 = scale * rstd
+        c2 = -scale * rstd * rstd * b
+        c3 = scale * rstd * (rstd * b * mu - mean_gb)
+        grad_s = torch.addcmul(torch.addcmul(c3, c2, s), c1, gb)
+        grad_tau = -scale * gb.sum(dim=tuple(d for d in range(4) if d != cdim)).reshape(ctx.tau_shape)
+        if g > 1:
+            grad_s = _group_repeat(grad_s, g, cdim) / g
+        grad_base = (grad - grad_full) + grad_s.to(grad.dtype)
+        if nhwc:
+            grad_full, grad_base = grad_full.permute(0, 3, 1, 2), grad_base.permute(0, 3, 1, 2)
+        return grad_full, grad_base, grad_tau.to(ctx.tau_dtype), None, None, None
+
+
+def _spatial_moments(s: Tensor, dims: tuple[int, int], eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Mean and 1/std over H x W (biased variance, as instance norm), from sums.
+
+    ``torch.var_mean`` over inner dimensions is 50-100x slower than ``sum`` on the CPUs we measured.
+    """
+    mu = s.mean(dims, keepdim=True)
+    var = ((s * s).mean(dims, keepdim=True) - mu * mu).clamp_min(0.0)
+    return mu, torch.rsqrt(var + eps)
+
+
+def _group_mean(t: Tensor, g: int, cdim: int) -> Tensor:
+    if g == 1:
+        return t
+    shape = list(t.shape)
+    shape[cdim : cdim + 1] = [shape[cdim] // g, g]
+    return t.reshape(shape).mean(cdim + 1)
+
+
+def _group_sum(t: Tensor, g: int, cdim: int) -> Tensor:
+    if g == 1:
+        return t
+    shape = list(t.shape)
+    shape[cdim : cdim + 1] = [shape[cdim] // g, g]
+    return t.reshape(shape).sum(cdim + 1)
+
+
+def _group_repeat(t: Tensor, g: int, cdim: int) -> Tensor:
+    return t if g == 1 else t.repeat_interleave(g, dim=cdim)
+
+
+class GatedConv2d(nn.Module):
+    """3x3 channel-gated convolution with per-branch base paths (CDG, Eq. 1-3, 7-10, 12).
+
+    Args:
+        in_channels, out_channels: channel counts; both must be divisible by ``gate_groups``.
+        stride: convolution stride (kernel 3, padding 1, no bias).
+        gate_groups: G, the number of gating groups; 1 is a plain dense convolution.
+        mode: ``dual`` (CDG: own mask and disjoint base path per branch), ``shared_base``
+            (CGNet_SimCLR: masks per branch, both on the diagonal base path) or ``unified``
+            (Table 1 control: branch a2 reuses the mask branch a1 computed in its latest call).
+        overlap: Table 2 ablation, percent of a2's base blocks shared with a1 (dual mode only).
+        group_size: C_g of the structured variant (Eq. 12); masks and tau are shared by each run of
+            C_g consecutive output channels. 1 is the unstructured gate.
+        norm: ``instance`` (per sample and channel over H x W, no affine) or ``batch``
+            (BatchNorm without affine, one per branch).
+        surrogate: backward of the step: ``sigmoid``, ``one_sided`` or ``hard_sigmoid``.
+        alpha: surrogate slope (2.0).
+        tau_init: initial threshold.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        gate_groups: int = 4,
+        *,
+        mode: GatingMode = "dual",
+        overlap: int = 0,
+        group_size: int = 1,
+        norm: Norm = "instance",
+        surrogate: Surrogate = "sigmoid",
+        alpha: float = 2.0,
+        tau_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        g = gate_groups
+        if g < 1:
+            raise ValueError(f"gate_groups must be >= 1, got {g}")
+        for name, c in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if c % g:
+                raise ValueError(f"GatedConv2d: {name}={c} is not divisible by gate_groups G={g}")
+        if group_size < 1 or (out_channels // g) % group_size:
+            raise ValueError(
+                f"GatedConv2d: group_size C_g={group_size} must divide out_channels/G = {out_channels}/{g} "
+                f"= {out_channels // g} (Eq. 12 groups stay inside one gating group)"
+            )
+        if norm not in NORMS:
+            raise ValueError(f"unknown gate norm {norm!r}; valid: {', '.join(NORMS)}")
+        if surrogate not in SURROGATES:
+            raise ValueError(f"unknown surrogate {surrogate!r}; valid: {', '.join(SURROGATES)}")
+        if overlap and mode != "dual":
+            raise ValueError(f"overlap={overlap} applies to mode 'dual' only (got mode {mode!r})")
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.gate_groups, self.mode, self.overlap = g, mode, overlap
+        self.group_size, self.norm, self.surrogate, self.alpha = group_size, norm, surrogate, alpha
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        self.tau = nn.Parameter(torch.full((out_channels // group_size,), float(tau_init)))
+        if norm == "batch":
+            self.branch_norms = nn.ModuleList(
+                nn.BatchNorm2d(out_channels // group_size, affine=False) for _ in range(2)
+            )
+        self.blocks = tuple(base_path_blocks(g, b, mode, overlap) for b in (0, 1))
+        ci = in_channels // g
+        for b, pi in enumerate(self.blocks):
+            idx = torch.cat([torch.arange(p * ci, (p + 1) * ci) for p in pi])
+            self.register_buffer(f"_in_index{b}", idx, persistent=False)
+        # statistics: [phase (0 train, 1 eval), branch, (closed, total)], kept on device (no sync)
+        self.register_buffer("gate_counts", torch.zeros(2, 2, 2, dtype=torch.float64), persistent=False)
+        self.track_stats = True
+        self.keep_masks = False
+        self.fused = True  # training fast path (instance norm); False runs the three steps
+        self.last_masks: dict[int, Tensor] = {}
+        self._a1_mask: Tensor | None = None
+
+    # --- the three steps -------------------------------------------------------------------
+    def base_weight(self, branch: int) -> Tensor:
+        """W_b for ``branch``: the G blocks (o, pi(o)) stacked for a grouped convolution."""
+        g, co, ci = self.gate_groups, self.out_channels // self.gate_groups, self.in_channels // self.gate_groups
+        w = self.weight
+        return torch.cat([w[o * co:(o + 1) * co, p * ci:(p + 1) * ci] for o, p in enumerate(self.blocks[branch])])
+
+    def base_path(self, x: Tensor, branch: int = 0) -> Tensor:
+        """Eq. 1: Y_base = X_base * W_b, a grouped convolution (1/G of the dense cost)."""
+        if self.blocks[branch] != tuple(range(self.gate_groups)):
+            x = x.index_select(1, getattr(self, f"_in_index{branch}"))
+        return F.conv2d(x, self.base_weight(branch), None, self.stride, 1, 1, self.gate_groups)
+
+    def salience(self, y_base: Tensor) -> Tensor:
+        """Alg. 1 lines 8-12 / Eq. 12: S = Y_base, or its average over each run of C_g channels."""
+        if self.group_size == 1:
+            return y_base
+        n, c, h, w = y_base.shape
+        return y_base.reshape(n, c // self.group_size, self.group_size, h, w).mean(2)
+
+    def gate(self, y_base: Tensor, branch: int = 0) -> Tensor:
+        """Eq. 2 / 9-10: M = sigma_s(normal(S) - tau), one entry per (sample, C_g group, h, w)."""
+        s = self.salience(y_base)
+        s = s.to(torch.promote_types(s.dtype, torch.float32))
+        if self.norm == "instance":
+            n = F.instance_norm(s, eps=1e-5)
+        else:
+            n = self.branch_norms[branch](s)
+        return smoothed_step(n, self.tau.to(n.dtype).view(1, -1, 1, 1), self.alpha, self.surrogate)
+
+    def combine(self, x: Tensor, y_base: Tensor, mask: Tensor) -> Tensor:
+        """Eq. 3: Y = Y_base + M * (conv(X, W) - Y_base), M repeated over each C_g group.
+
+        Dense form used for training and as the reference for a sparse inference kernel.
+        """
+        y_full = F.conv2d(x, self.weight, None, self.stride, 1)
+        if self.group_size > 1:
+            mask = mask.repeat_interleave(self.group_size, dim=1)
+        mask = mask.to(y_full.dtype)
+        return y_base + mask * (y_full - y_base)
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, x: Tensor, branch: int = 0) -> Tensor:
+        if branch not in (0, 1):
+            raise ValueError(f"branch must be 0 (a1) or 1 (a2), got {branch!r}")
+        if self.gate_groups == 1:
+            return F.conv2d(x, self.weight, None, self.stride, 1)
+        y_base = self.base_path(x, branch)
+        if self.fused and self.norm == "instance" and torch.is_grad_enabled() and self.mode != "unified":
+            y_full = F.conv2d(x, self.weight, None, self.stride, 1)
+            out, mask = _FusedInstanceGate.apply(y_full, y_base, self.tau, self.alpha, self.surrogate, self.group_size)
+            self._record(mask, branch)
+            return out
+        if self.mode == "unified" and branch == 1:
+            mask, self._a1_mask = self._a1_mask, None
+            if mask is None or mask.shape[0] != x.shape[0]:
+                raise RuntimeError(
+                    "unified gating: branch a2 needs the mask of branch a1 from the same step; call the "
+                    "model on view 1 (branch 0) before view 2 (branch 1), with the same batch size"
+                )
+        else:
+            mask = self.gate(y_base, branch)
+            if self.mode == "unified" and branch == 0:
+                self._a1_mask = mask if self.training else None
+        self._record(mask, branch)
+        return self.combine(x, y_base, mask)
+
+    # --- statistics ------------------------------------------------------------------------
+    def _record(self, mask: Tensor, branch: int) -> None:
+        if self.keep_masks:
+            self.last_masks[branch] = mask.detach()
+        if self.track_stats:
+            with torch.no_grad():
+                counts = self.gate_counts[0 if self.training else 1, branch]
+                counts[0] += mask.numel() - mask.detach().sum(dtype=torch.float64)
+                counts[1] += mask.numel()
+
+    def reset_stats(self) -> None:
+        self.gate_counts.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, stride={self.stride}, G={self.gate_groups}, "
+            f"mode={self.mode}, overlap={self.overlap}, C_g={self.group_size}, norm={self.norm}, "
+            f"surrogate={self.surrogate}, alpha={self.alpha}"
+        )
