@@ -1,0 +1,34 @@
+"""Build the pieces a config describes: the backbone with its gating and the gating target."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from cdg.config import Config
+from cdg.models import create_model
+from cdg.nn import make_conv_layer, threshold_from_sparsity
+
+
+def conv_layer_for(cfg: Config):
+    """The 3x3 conv factory of ``cfg.gating`` (dense, dual, shared_base or unified)."""
+    g = cfg.gating
+    if g.mode == "dense":
+        return make_conv_layer("dense")
+    return make_conv_layer(
+        g.mode, gate_groups=g.groups, overlap=g.overlap if g.mode == "dual" else 0,
+        group_size=g.group_size, norm=g.norm, surrogate=g.surrogate, alpha=g.alpha, tau_init=g.tau_init,
+    )
+
+
+def build_backbone(cfg: Config) -> nn.Module:
+    """ResNet backbone of ``cfg.model`` with the 3x3 convolutions of ``cfg.gating``."""
+    m = cfg.model
+    return create_model(
+        m.name, width=m.width, stem=m.stem, zero_init_residual=m.zero_init_residual, conv_layer=conv_layer_for(cfg)
+    )
+
+
+def gating_target(cfg: Config) -> float:
+    """The threshold target s of Eq. 11: ``gating.target``, or Phi^-1(``gating.target_sparsity``)."""
+    g = cfg.gating
+    return threshold_from_sparsity(g.target_sparsity) if g.target_sparsity is not None else g.target

@@ -1,0 +1,204 @@
+"""``cdg`` command line: pretrain, linear, knn, flops.
+
+Every number printed or written to ``metrics.json`` carries its protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cdg.config import ConfigError, load_config
+
+
+def _set_threads() -> None:
+    import torch
+
+    n = int(os.environ.get("CDG_THREADS", "0") or 0)
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def _eval_sets(cfg, backbone, progress: bool = True):
+    import torch
+
+    from cdg.data import build_dataset
+    from cdg.eval.features import extract_features
+
+    kw = {"label_type": cfg.data.label_type} if cfg.data.dataset == "cifar100" else {}
+    train = build_dataset(cfg.data.dataset, cfg.data.root, "train", cfg.data.download, **kw)
+    test = build_dataset(cfg.data.dataset, cfg.data.root, "test", cfg.data.download, **kw)
+    if cfg.trainer.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    bf16 = cfg.trainer.precision == "bf16-mixed"
+    tr = extract_features(backbone, train, cfg.data.dataset, cfg.data.eval_batch_size, bf16, cfg.trainer.channels_last, progress)
+    te = extract_features(backbone, test, cfg.data.dataset, cfg.data.eval_batch_size, bf16, cfg.trainer.channels_last, progress)
+    return tr, te
+
+
+def _sparsity_values(cfg, stats: dict[str, Any], backbone) -> dict[str, Any]:
+    """eta on the test set (branch a1, eval mode) and both FLOPs reductions."""
+    if not stats:
+        return {}
+    from cdg.metrics import flops_reduction_eq13
+
+    rep = mac_report(cfg)
+    return {
+        "eta": stats["eta"], "eta_flop_weighted": stats["eta_flop_weighted"], "eta_per_layer": stats["eta_per_layer"],
+        "flops_reduction_eq13": flops_reduction_eq13(stats["eta"], cfg.gating.groups),
+        "flops_reduction_exact": rep.reduction_exact(stats["eta_per_layer"]),
+    }
+
+
+def mac_report(cfg):
+    import copy
+
+    from cdg.builders import build_backbone
+    from cdg.data import dataset_info
+    from cdg.metrics import count_macs
+    from cdg.nn import gated_layers
+
+    gated = {n: (m.gate_groups, m.group_size) for n, m in gated_layers(build_backbone(cfg))}
+    dense_cfg = copy.deepcopy(cfg)
+    dense_cfg.gating.mode = "dense"
+    size = dataset_info(cfg.data.dataset).image_size or 224
+    return count_macs(build_backbone(dense_cfg), (3, size, size), gated)
+
+
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    from cdg.train import pretrain
+
+    out = Path(a.out)
+    if a.resume:
+        if not (out / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {out} holds no run (no config.yaml)")
+        cfg = load_config(out / "config.yaml", a.overrides)
+    else:
+        if a.config is None:
+            raise ConfigError("pretrain needs --config FILE (or --resume with an existing --out)")
+        cfg = load_config(a.config, a.overrides)
+    values = pretrain(cfg, out, resume=a.resume)
+    print(json.dumps({k: v for k, v in values.items()}, indent=2))
+    return 0
+
+
+def cmd_knn(a: argparse.Namespace) -> int:
+    from cdg.eval.knn import knn_accuracy
+    from cdg.runs import base_protocol, load_run, update_metrics
+
+    cfg, backbone = load_run(a.run)
+    (trf, try_, _), (tef, tey, stats) = _eval_sets(cfg, backbone)
+    acc = knn_accuracy(trf, try_, tef, tey, cfg.eval.knn_k, cfg.eval.knn_temperature)
+    prot = base_protocol(cfg, protocol=f"kNN (k={cfg.eval.knn_k}, cosine, T={cfg.eval.knn_temperature})",
+                         train_split="train (all)", eval_split="test", label_fraction=1.0,
+                         pretrain_epochs=cfg.trainer.max_epochs, branch="a1")
+    values = {"knn_top1": acc, **_sparsity_values(cfg, stats, backbone)}
+    update_metrics(a.run, values, prot)
+    _print_result("kNN top-1", acc, prot, values)
+    return 0
+
+
+def cmd_linear(a: argparse.Namespace) -> int:
+    from cdg.eval.linear import linear_probe_fast
+    from cdg.runs import base_protocol, load_run, update_metrics
+
+    cfg, backbone = load_run(a.run)
+    if not a.fast:
+        raise ConfigError("the SGD linear protocol (100 epochs) is not implemented yet; use --fast")
+    t0 = time.time()
+    (trf, try_, _), (tef, tey, stats) = _eval_sets(cfg, backbone)
+    acc = linear_probe_fast(trf, try_, tef, tey, cfg.eval.fast_linear_l2, cfg.eval.fast_linear_max_iter)
+    prot = base_protocol(cfg, protocol="linear probe (fast: logistic regression on standardised frozen features of un-augmented images, L-BFGS)",
+                         train_split="train (all)", eval_split="test", label_fraction=1.0,
+                         pretrain_epochs=cfg.trainer.max_epochs, branch="a1")
+    values = {"linear_top1": acc, "linear_wall_s": time.time() - t0, **_sparsity_values(cfg, stats, backbone)}
+    update_metrics(a.run, values, prot)
+    _print_result("linear top-1", acc, prot, values)
+    return 0
+
+
+def _print_result(label: str, acc: float, prot: dict[str, Any], values: dict[str, Any]) -> None:
+    print(f"{label}: {100 * acc:.2f}%  [{prot['protocol']}; {prot['dataset']} {prot['eval_split']}; "
+          f"{prot['model']} x{prot['width']}; {prot['method']} {prot['pretrain_epochs']} epochs; {prot['gating']}; "
+          f"label fraction {prot['label_fraction']}; seed {prot['seed']}]")
+    if "eta" in values:
+        print(f"  eta (test, branch a1) {100 * values['eta']:.2f}%  FLOPs reduction: Eq.13 {values['flops_reduction_eq13']:.2f}x, "
+              f"exact whole network {values['flops_reduction_exact']:.2f}x")
+
+
+def cmd_flops(a: argparse.Namespace) -> int:
+    from cdg.metrics import flops_reduction_eq13
+    from cdg.runs import read_metrics
+
+    cfg = load_config(a.config, a.overrides)
+    rep = mac_report(cfg)
+    out: dict[str, Any] = {"config": a.config, **rep.to_dict()}
+    eta: Any = a.eta
+    if a.run:
+        eta = read_metrics(a.run).get("eta_per_layer")
+        if eta is None:
+            raise ConfigError(f"{a.run}/metrics.json has no eta_per_layer; run `cdg linear --fast --run {a.run}` first")
+    if eta is not None and cfg.gating.mode != "dense":
+        out["gated_macs"] = rep.gated_macs(eta)
+        out["flops_reduction_exact"] = rep.reduction_exact(eta)
+        if isinstance(eta, float):
+            out["flops_reduction_eq13"] = flops_reduction_eq13(eta, cfg.gating.groups)
+    if a.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{'layer':<28}{'MACs':>14}  gated")
+    for l in rep.layers:
+        print(f"{l.name:<28}{l.macs:>14,}  {'G=%d C_g=%d' % (l.gate_groups, l.group_size) if l.gated else ''}")
+    print(f"{'total (dense)':<28}{rep.total_dense:>14,}  ({rep.total_dense / 1e9:.4f} GMACs per image)")
+    if "gated_macs" in out:
+        print(f"{'total (gated)':<28}{int(out['gated_macs']):>14,}  exact reduction {out['flops_reduction_exact']:.2f}x"
+              + (f", Eq. 13 {out['flops_reduction_eq13']:.2f}x" if "flops_reduction_eq13" in out else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cdg", description="Contrastive Dual Gating: sparse self-supervised learning")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("pretrain", help="self-supervised pre-training into a run directory")
+    s.add_argument("--config")
+    s.add_argument("--out", required=True)
+    s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.width=0.25")
+    s.set_defaults(fn=cmd_pretrain)
+    for name, fn, helptext in (("linear", cmd_linear, "linear probe of a run's frozen backbone"),
+                               ("knn", cmd_knn, "kNN accuracy of a run's frozen backbone")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--run", required=True)
+        if name == "linear":
+            s.add_argument("--fast", action="store_true", help="cached features + logistic regression (CPU protocol)")
+        s.set_defaults(fn=fn)
+    s = sub.add_parser("flops", help="MACs per layer and in total; FLOPs reduction for an eta")
+    s.add_argument("--config", required=True)
+    s.add_argument("--eta", type=float, help="one conditional-path sparsity for every gated layer")
+    s.add_argument("--run", help="use the measured per-layer eta of this run")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_flops)
+    a = p.parse_args(argv)
+    _set_threads()
+    try:
+        return a.fn(a)
+    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+        print(f"cdg {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        from cdg.data import DataError
+
+        if isinstance(e, DataError):
+            print(f"cdg {a.cmd}: data error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Typed run configuration: dataclasses loaded from YAML with ``dotted.key=value`` overrides.
+
+An unknown key or a value outside its allowed set stops with a message that names the key and
+lists what is valid. ``Config`` is the single source of truth saved as ``config.yaml`` in a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key and the valid choices in the message."""
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["cifar10", "cifar100", "imagenet100", "imagefolder", "synthetic"] = "cifar10"
+    root: Optional[str] = None  # else $CDG_DATA, else ./data
+    download: bool = False  # let torchvision download CIFAR
+    label_type: Literal["fine", "coarse"] = "fine"  # CIFAR-100
+    train_images: Optional[int] = None  # use a seeded stratified subset of this many images
+    batch_size: int = 256
+    num_workers: int = 2
+    augment_on: Literal["batch", "workers"] = "batch"  # batched tensor augmentation, or per-sample v2
+    eval_batch_size: int = 512
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["resnet18", "resnet50"] = "resnet18"
+    width: float = 1.0
+    stem: Literal["cifar", "imagenet"] = "cifar"
+    zero_init_residual: bool = False
+
+
+@dataclass
+class GatingConfig:
+    """SPEC sections 1, 3 and 5. ``mode``: dense, dual (CDG), shared_base (CGNet_SimCLR), unified."""
+
+    mode: Literal["dense", "dual", "shared_base", "unified"] = "dense"
+    groups: int = 4  # G
+    overlap: Literal[0, 50, 75, 100] = 0  # Table 2 ablation (dual mode)
+    group_size: int = 1  # C_g of the structured variant (Eq. 12)
+    norm: Literal["instance", "batch"] = "instance"
+    surrogate: Literal["sigmoid", "one_sided", "hard_sigmoid"] = "sigmoid"
+    alpha: float = 2.0
+    tau_init: float = 0.0
+    target: float = 1.0  # threshold target s of Eq. 11
+    target_sparsity: Optional[float] = None  # or a sparsity target p: s = Phi^-1(p)
+    lam: float = 1e-4  # lambda of Eq. 11
+    ramp_epochs: int = 0  # linear ramp of s from tau_init over this many epochs (0: off)
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["simclr", "mocov2", "simsiam"] = "simclr"
+    temperature: float = 0.2
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 256
+    pred_hidden_dim: int = 512  # SimSiam predictor
+    queue_size: int = 32768  # MoCo V2+
+    base_momentum: float = 0.99
+    final_momentum: float = 0.999
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["lars", "sgd"] = "lars"
+    lr: float = 0.4  # per 256 images when scale_lr is true
+    scale_lr: bool = True
+    weight_decay: float = 1e-5
+    momentum: float = 0.9
+    lars_eta: float = 0.02
+    warmup_epochs: float = 10.0
+    predictor_fixed_lr: bool = True  # SimSiam
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 1000
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "bf16-mixed"
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    channels_last: bool = True
+    seed: int = 0
+    limit_train_batches: Optional[float] = None
+    log_every_n_steps: int = 20
+    checkpoint_every_n_steps: int = 200  # also at every epoch end
+    monitor_every_n_epochs: int = 1  # kNN accuracy and mask similarity S_c
+    monitor_images: int = 2000  # images used by the kNN/S_c monitor
+    nan_check_every_n_steps: int = 1
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    linear_epochs: int = 100
+    linear_lr: float = 0.1
+    linear_milestones: list = field(default_factory=lambda: [60, 80])
+    linear_batch_size: int = 256
+    fast_linear_max_iter: int = 500  # logistic regression on cached features (CPU protocol)
+    fast_linear_l2: float = 1e-4
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    finetune_epochs: int = 100
+    finetune_fraction: float = 0.5
+    finetune_lr: float = 0.05
+    finetune_weight_decay: float = 5e-4
+    split_seed: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    gating: GatingConfig = field(default_factory=GatingConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# --- loading and validation --------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"invalid value {value!r} for '{key}'; valid: {', '.join(map(repr, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' must be a string, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}")
+        return value
+    return value
+
+
+def _fill(obj: Any, values: dict[str, Any], prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name for f in dataclasses.fields(obj)}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(sorted(fields))}")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(v, dict):
+                raise ConfigError(f"'{key}' is a section; give a mapping of its keys, got {v!r}")
+            _fill(current, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def _validate(cfg: Config) -> None:
+    g = cfg.gating
+    if g.mode != "dense" and g.groups not in (1, 2, 4, 8):
+        raise ConfigError(f"invalid value {g.groups!r} for 'gating.groups'; valid: 1, 2, 4, 8")
+    if g.overlap and (g.mode != "dual" or g.groups != 4):
+        raise ConfigError("'gating.overlap' (Table 2) needs gating.mode=dual and gating.groups=4")
+    if g.target_sparsity is not None and not 0 < g.target_sparsity < 1:
+        raise ConfigError(f"'gating.target_sparsity' must be in (0, 1), got {g.target_sparsity}")
+    if cfg.model.width <= 0:
+        raise ConfigError(f"'model.width' must be > 0, got {cfg.model.width}")
+    if cfg.data.batch_size < 2:
+        raise ConfigError("'data.batch_size' must be at least 2 for contrastive learning")
+    if not 0 < cfg.eval.finetune_fraction <= 1:
+        raise ConfigError(f"'eval.finetune_fraction' must be in (0, 1], got {cfg.eval.finetune_fraction}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (``a.b``, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Config from a YAML file (sections data, model, gating, method, optim, trainer, eval)."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+        try:
+            _fill(cfg, values, "")
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _fill(cfg, _nest(key, value), "")
+    _validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    cfg = Config()
+    _fill(cfg, values, "")
+    _validate(cfg)
+    return cfg

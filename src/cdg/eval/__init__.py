@@ -1,0 +1,1 @@
+"""Evaluation protocols: features, kNN, linear probe (fast and SGD), fine-tuning."""

@@ -1,0 +1,103 @@
+"""What every SSL method shares: two views on two branches, the sparsity objective, optimisers.
+
+Subclasses implement :meth:`SSLMethod.ssl_loss` (view 1 on branch a1, view 2 on branch a2, in
+separate backbone calls: SPEC section 2) and may add heads. Nothing here knows the CLI.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from cdg.builders import build_backbone, gating_target
+from cdg.config import Config
+from cdg.data import BatchAugment, augment_preset
+from cdg.nn import gated_layers, sparsity_objective
+from cdg.optim import LARS, build_warmup_cosine_scheduler, split_params_for_lars
+
+
+class SSLMethod(L.LightningModule):
+    """Base LightningModule: backbone + gating, augmentation of uint8 batches, Eq. 11, LARS/SGD."""
+
+    def __init__(self, cfg: Config, steps_per_epoch: int = 1) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.save_hyperparameters({"config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch})
+        self.backbone = build_backbone(cfg)
+        self.augment = BatchAugment(augment_preset(cfg.method.name, cfg.data.dataset))
+        self.target = gating_target(cfg)
+
+    # --- data ------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Batched augmentation on the training device (SPEC 7): uint8 images -> two views."""
+        images, labels = batch
+        if self.trainer is not None and self.trainer.training and images.dtype == torch.uint8:
+            v1, v2 = self.augment.two_views(images)
+            if self.cfg.trainer.channels_last:
+                v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
+            return (v1, v2), labels
+        return batch
+
+    # --- forward and loss ------------------------------------------------------------------
+    def forward(self, x: Tensor, branch: int = 0) -> Tensor:
+        """Backbone features on ``branch`` (evaluation always uses branch a1 = 0)."""
+        return self.backbone(x, branch)
+
+    def ssl_loss(self, v1: Tensor, v2: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def current_target(self) -> float:
+        """s of Eq. 11, ramped linearly from tau_init over ``gating.ramp_epochs`` if set."""
+        ramp = self.cfg.gating.ramp_epochs
+        if ramp <= 0:
+            return self.target
+        frac = min(1.0, self.global_step / (ramp * self.steps_per_epoch))
+        return self.cfg.gating.tau_init + frac * (self.target - self.cfg.gating.tau_init)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        (v1, v2), _ = batch
+        loss = self.ssl_loss(v1, v2)
+        reg = sparsity_objective(self.backbone, self.current_target(), self.cfg.gating.lam).to(loss.device)
+        total = loss + reg
+        self.log("train/ssl_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=v1.shape[0])
+        if self.cfg.gating.mode != "dense":
+            self.log("train/sparsity_reg", reg.detach(), on_step=True, on_epoch=True, batch_size=v1.shape[0])
+        return total
+
+    # --- optimisation ----------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """LARS/SGD groups; tau (gating thresholds) alone, no weight decay, no LARS scaling (SPEC 3)."""
+        taus = {id(m.tau) for _, m in gated_layers(self.backbone)}
+        groups = split_params_for_lars(self, extra_exclude=lambda n, p: id(p) in taus)
+        out: list[dict[str, Any]] = []
+        for g in groups:
+            rest = [p for p in g["params"] if id(p) not in taus]
+            if rest:
+                out.append({**g, "params": rest})
+        tau_params = [p for p in self.parameters() if id(p) in taus and p.requires_grad]
+        if tau_params:
+            out.append({"params": tau_params, "weight_decay": 0.0, "lars_exclude": True, "name": "tau"})
+        return out
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        world = self.trainer.world_size if self.trainer is not None else 1
+        lr = o.lr * (self.cfg.data.batch_size * world / 256 if o.scale_lr else 1.0)
+        groups = self.param_groups()
+        if o.name == "lars":
+            opt = LARS(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, eta=o.lars_eta)
+        else:
+            opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        total = max(1, self.cfg.trainer.max_epochs * self.steps_per_epoch)
+        warm = min(total - 1, int(math.ceil(o.warmup_epochs * self.steps_per_epoch)))
+        sched = build_warmup_cosine_scheduler(opt, warmup_steps=warm, total_steps=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def projector_in_dim(backbone: nn.Module) -> int:
+    return int(getattr(backbone, "num_features"))

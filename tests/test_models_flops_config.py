@@ -1,0 +1,117 @@
+"""Backbones and registry, MAC counting against PyTorch's counter and by hand, Eq. 13, configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cdg.config import ConfigError, load_config
+from cdg.metrics import count_macs, flops_reduction_eq13
+from cdg.models import Conv3x3, create_model, list_models
+from cdg.nn import GatedConv2d, gated_layers, make_conv_layer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_registry_and_shapes():
+    assert {"resnet18", "resnet50"} <= set(list_models())
+    with pytest.raises(ValueError, match="unknown model 'resnet7'.*resnet18"):
+        create_model("resnet7")
+    for w, feats in ((0.25, 128), (0.5, 256), (1.0, 512), (2.0, 1024)):
+        m = create_model("resnet18", width=w)
+        assert m.num_features == feats
+    net = create_model("resnet18", width=0.25)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    assert isinstance(net.maxpool, torch.nn.Identity) and net.conv1.kernel_size == (3, 3)
+    big = create_model("resnet50", width=0.25, stem="imagenet")
+    assert big(torch.randn(1, 3, 64, 64)).shape == (1, 512)
+    assert big.conv1.kernel_size == (7, 7)
+
+
+def test_conv_factory_plugs_gated_conv_into_every_block_conv():
+    net = create_model("resnet18", width=0.25, conv_layer=make_conv_layer("dual", gate_groups=4))
+    layers = gated_layers(net)
+    assert len(layers) == 16 and all(isinstance(m, GatedConv2d) for _, m in layers)
+    assert not isinstance(net.conv1, GatedConv2d)  # stem stays dense
+    r50 = create_model("resnet50", width=0.25, conv_layer=make_conv_layer("dual", gate_groups=4))
+    assert len(gated_layers(r50)) == 16
+    dense = create_model("resnet18", width=0.25)
+    assert isinstance(dense.layer1[0].conv1, Conv3x3)
+    with pytest.raises(ValueError, match="not divisible by gate_groups G=8"):
+        create_model("resnet18", width=0.0625, conv_layer=make_conv_layer("dual", gate_groups=8))
+
+
+def test_branch_routing_reaches_every_gated_layer():
+    net = create_model("resnet18", width=0.25, conv_layer=make_conv_layer("dual", gate_groups=4)).eval()
+    seen = []
+    for _, m in gated_layers(net):
+        m.register_forward_hook(lambda mod, args, out: seen.append(args[1]))
+    with torch.no_grad():
+        net(torch.randn(1, 3, 32, 32), branch=1)
+    assert seen == [1] * 16
+
+
+def test_macs_match_pytorch_counter_and_hand_count():
+    net = create_model("resnet18")
+    rep = count_macs(net, (3, 32, 32))
+    with FlopCounterMode(display=False) as fc:
+        net(torch.zeros(1, 3, 32, 32))
+    assert rep.total_dense * 2 == fc.get_total_flops()
+    assert abs(rep.total_dense / 1e9 - 0.5554) < 1e-3  # "about 0.556 GMACs"
+    by = {l.name: l.macs for l in rep.layers}
+    assert by["layer1.0.conv1"] == 64 * 64 * 9 * 32 * 32
+    assert by["layer2.0.conv1"] == 128 * 64 * 9 * 16 * 16
+    assert by["layer2.0.shortcut.0"] == 128 * 64 * 16 * 16
+
+
+def test_exact_reduction_reduces_to_hand_formula():
+    net = create_model("resnet18", width=0.5)
+    gated = {n: (4, 1) for n, m in net.named_modules() if isinstance(m, Conv3x3)}
+    rep = count_macs(net, (3, 32, 32), gated)
+    eta = 0.7
+    gated_macs = sum(l.macs for l in rep.layers if l.gated)
+    overhead = sum(4 * l.out_elements for l in rep.layers if l.gated)
+    expected = rep.total_dense - gated_macs + gated_macs * (0.25 + 0.75 * 0.3) + overhead
+    assert rep.gated_macs(eta) == pytest.approx(expected)
+    assert 1.0 < rep.reduction_exact(eta) < flops_reduction_eq13(eta, 4)
+
+
+@pytest.mark.parametrize("eta,g,expected", [(0.7248, 4, 2.19), (0.7515, 2, 1.60), (0.7164, 4, 2.16)])
+def test_eq13_reproduces_tables_3_and_5(eta, g, expected):
+    assert round(flops_reduction_eq13(eta, g), 2) == expected
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_config(ROOT / "configs/cpu/simclr_cdg.yaml", ["model.width=0.5", "gating.groups=2"])
+    assert cfg.model.width == 0.5 and cfg.gating.groups == 2 and cfg.gating.mode == "dual"
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.widht'.*width"):
+        load_config(None, ["model.widht=1"])
+    with pytest.raises(ConfigError, match=r"invalid value 'quad' for 'gating.mode'; valid: 'dense', 'dual'"):
+        load_config(None, ["gating.mode=quad"])
+    with pytest.raises(ConfigError, match="'data.batch_size' must be an integer"):
+        load_config(None, ["data.batch_size=big"])
+    with pytest.raises(ConfigError, match="gating.groups"):
+        load_config(None, ["gating.mode=dual", "gating.groups=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: {max_epoch: 3}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'trainer.max_epoch'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_config_roundtrip(tmp_path):
+    cfg = load_config(ROOT / "configs/cpu/simclr_cdg.yaml")
+    cfg.save(tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_builds(path):
+    from cdg.builders import build_backbone
+
+    cfg = load_config(path)
+    build_backbone(cfg)
