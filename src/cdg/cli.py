@@ -110,15 +110,27 @@ def cmd_linear(a: argparse.Namespace) -> int:
     cfg, backbone = load_run(a.run)
     if not a.fast:
         raise ConfigError("the SGD linear protocol (100 epochs) is not implemented yet; use --fast")
+    key = "linear_top1"
+    if a.random_init:  # the floor: the same probe on a randomly initialised backbone of this config
+        import torch
+
+        from cdg.builders import build_backbone
+
+        torch.manual_seed(cfg.trainer.seed)
+        backbone, key = build_backbone(cfg), "linear_top1_random_init"
     t0 = time.time()
     (trf, try_, _), (tef, tey, stats) = _eval_sets(cfg, backbone)
     acc = linear_probe_fast(trf, try_, tef, tey, cfg.eval.fast_linear_l2, cfg.eval.fast_linear_max_iter)
     prot = base_protocol(cfg, protocol="linear probe (fast: logistic regression on standardised frozen features of un-augmented images, L-BFGS)",
                          train_split="train (all)", eval_split="test", label_fraction=1.0,
                          pretrain_epochs=cfg.trainer.max_epochs, branch="a1")
-    values = {"linear_top1": acc, "linear_wall_s": time.time() - t0, **_sparsity_values(cfg, stats, backbone)}
+    if a.random_init:
+        prot["backbone"] = "random initialisation (no pre-training)"
+        values = {key: acc}
+    else:
+        values = {key: acc, "linear_wall_s": time.time() - t0, **_sparsity_values(cfg, stats, backbone)}
     update_metrics(a.run, values, prot)
-    _print_result("linear top-1", acc, prot, values)
+    _print_result("linear top-1" + (" (random-init backbone)" if a.random_init else ""), acc, prot, values)
     return 0
 
 
@@ -161,6 +173,37 @@ def cmd_flops(a: argparse.Namespace) -> int:
     return 0
 
 
+REPORT_KEYS = (
+    ("linear_top1", "linear probe top-1", "%"), ("linear_top1_random_init", "same probe, random-init backbone", "%"),
+    ("knn_top1", "kNN top-1", "%"), ("finetune_top1", "fine-tune top-1", "%"), ("eta", "eta (test, a1)", "%"),
+    ("flops_reduction_eq13", "FLOPs reduction Eq. 13", "x"), ("flops_reduction_exact", "FLOPs reduction exact", "x"),
+    ("pretrain_wall_s", "pre-training wall time", "s"), ("pretrain_images_per_s", "pre-training throughput", "img/s"),
+)
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    """Print (and write ``report.md``) every metric of a run with the protocol that produced it."""
+    from cdg.runs import read_metrics
+
+    m = read_metrics(a.run)
+    if not m:
+        raise FileNotFoundError(f"{a.run}/metrics.json not found or empty; run pretrain and an evaluation first")
+    prot = m.get("protocol", {})
+    lines = [f"# cdg run report: {a.run}", "", "| metric | value | protocol |", "|---|---|---|"]
+    for key, label, unit in REPORT_KEYS:
+        if m.get(key) is None:
+            continue
+        v = m[key]
+        val = f"{100 * v:.2f}%" if unit == "%" else (f"{v:.2f}x" if unit == "x" else f"{v:.1f} {unit}")
+        p = prot.get(key, {})
+        desc = "; ".join(f"{k}={v}" for k, v in p.items())
+        lines.append(f"| {label} | {val} | {desc} |")
+    text = "\n".join(lines) + "\n"
+    (Path(a.run) / "report.md").write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cdg", description="Contrastive Dual Gating: sparse self-supervised learning")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -176,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--run", required=True)
         if name == "linear":
             s.add_argument("--fast", action="store_true", help="cached features + logistic regression (CPU protocol)")
+            s.add_argument("--random-init", action="store_true", help="probe a randomly initialised backbone (the floor)")
         s.set_defaults(fn=fn)
+    s = sub.add_parser("report", help="all metrics of a run with their protocols (also writes report.md)")
+    s.add_argument("--run", required=True)
+    s.set_defaults(fn=cmd_report)
     s = sub.add_parser("flops", help="MACs per layer and in total; FLOPs reduction for an eta")
     s.add_argument("--config", required=True)
     s.add_argument("--eta", type=float, help="one conditional-path sparsity for every gated layer")

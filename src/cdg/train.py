@@ -86,12 +86,14 @@ class GateMonitor(Callback):
 
     def __init__(self, cfg: Config, monitor_data: tuple[torch.Tensor, torch.Tensor] | None, test_data=None) -> None:
         self.cfg, self.monitor_data, self.test_data = cfg, monitor_data, test_data
+        self.last_train_stats: dict[str, Any] = {}
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         reset_gate_stats(pl_module.backbone)
 
     def on_train_epoch_end(self, trainer, pl_module: SSLMethod) -> None:
         stats = gate_statistics(pl_module.backbone, "train")
+        self.last_train_stats = stats
         for k in ("eta_a1", "eta_a2"):
             if k in stats:
                 pl_module.log(f"train/{k}", stats[k], on_epoch=True)
@@ -146,12 +148,13 @@ def pretrain(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, An
         n = min(cfg.trainer.monitor_images, len(ds))
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.trainer.seed))[:n]
         monitor = (ds.images[idx], ds.targets[idx])
+    gate_monitor = GateMonitor(cfg, monitor)
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                         every_n_train_steps=cfg.trainer.checkpoint_every_n_steps or None),
         ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, save_on_train_epoch_end=True),
         NaNGuard(cfg.trainer.nan_check_every_n_steps),
-        GateMonitor(cfg, monitor),
+        gate_monitor,
     ]
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
@@ -161,7 +164,7 @@ def pretrain(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, An
     wall = time.time() - t0
     if trainer.global_rank == 0:
         torch.save(model.backbone.state_dict(), out / "backbone.pt")
-        stats = gate_statistics(model.backbone, "train")
+        stats = gate_monitor.last_train_stats
         images = trainer.global_step * cfg.data.batch_size * trainer.world_size
         values: dict[str, Any] = {"pretrain_wall_s": wall, "pretrain_epochs": trainer.current_epoch,
                                   "pretrain_images_per_s": images / wall if wall > 0 else None,

@@ -612,7 +612,10 @@ def load_cifar_arrays(
     source: Path
     if tv_dir.is_dir():
         source = tv_dir
-        result = _read_torchvision_cifar(name, tv_dir, split, label_type)
+        if download:  # torchvision checks the files' md5 and downloads only what is missing
+            result = _download_torchvision_cifar(name, data_root, split, label_type)
+        else:
+            result = _read_torchvision_cifar(name, tv_dir, split, label_type)
     elif (tree / "train").is_dir() or (tree / "test").is_dir():
         source = tree / split
         result = from_tree(tree / split, tree / split, None)
@@ -634,12 +637,19 @@ def load_cifar_arrays(
             source = tv_dir
             result = _download_torchvision_cifar(name, data_root, split, label_type)
         else:
+            shown = data_root.absolute()
             looked = [
-                f"{tv_dir}/ (torchvision format)",
-                f"{tree}/{{train,test}}/<class>/ (image folders)",
-                *(str(a) for a in archives),
+                f"{shown / tv_dir.name}/ (torchvision format)",
+                f"{shown / name}/{{train,test}}/<class>/ (image folders)",
+                *(str(shown / a.name) for a in archives),
             ]
-            raise DataError(_missing_message(name, data_root, origin, looked, True))
+            msg = _missing_message(name, shown, origin, looked, True)
+            if (data_root / "train").is_dir() or (data_root / "test").is_dir():
+                msg += (
+                    f"\n(note: {shown} itself holds train/ or test/; the data root is the folder "
+                    f"*containing* {name}/, i.e. {shown.parent})"
+                )
+            raise DataError(msg)
     images, targets, classes = result
     check(source, int(images.shape[0]), classes, targets)
     return images, targets, classes
@@ -721,8 +731,9 @@ def _build_imagenet100(root: str | os.PathLike[str] | None, split: str) -> Folde
             samples.extend((str(cdir / f), label) for f in files)
         return FolderImageDataset(samples, wnids, full)
     raise DataError(
-        f"imagenet100 not found under data root {data_root} (from {_root_origin(root)}). "
-        f"Looked for:\n  - {own}/<wnid>/ (ImageNet-100 image folders)\n  - {full}/<wnid>/ "
+        f"imagenet100 not found under data root {data_root.absolute()} (from {_root_origin(root)}). "
+        f"Looked for:\n  - {own.absolute()}/<wnid>/ (ImageNet-100 image folders)\n"
+        f"  - {full.absolute()}/<wnid>/ "
         "(full ImageNet, restricted to the 100 classes)\nTo get it: download ImageNet (ILSVRC-2012) "
         "yourself (it cannot be downloaded automatically) and point --data-root / CDG_DATA at the "
         "folder holding imagenet100/ or imagenet/"
@@ -738,7 +749,7 @@ def _build_imagefolder(root: str | os.PathLike[str] | None, split: str) -> Folde
         if (tree / sub).is_dir():
             classes, samples = _scan_tree(tree / sub)
             return FolderImageDataset(samples, classes, tree / sub)
-    looked = ", ".join(str(tree / s) for s in order)
+    looked = ", ".join(str((tree / s).absolute()) for s in order)
     raise DataError(
         f"imagefolder split {split!r} not found: looked for {looked} "
         "(expected <root>/{train,test or val}/<class>/<image>, root being the tree's own folder)"

@@ -35,6 +35,8 @@ def stratified_subset(
 ) -> np.ndarray:
     """Sorted int64 indices of ``round(fraction * n_c)`` (at least 1) random samples per class c.
 
+    ``round`` is Python's (half to even: 0.5 -> 0, then raised to 1; 2.5 -> 2).
+
     ``fraction`` must lie in (0, 1]; 1 returns every index. Same inputs, same indices, everywhere.
     """
     fraction = float(fraction)

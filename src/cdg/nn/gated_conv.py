@@ -350,7 +350,7 @@ class GatedConv2d(nn.Module):
         else:
             mask = self.gate(y_base, branch)
             if self.mode == "unified" and branch == 0:
-                self._a1_mask = mask if self.training else None
+                self._a1_mask = mask
         self._record(mask, branch)
         return self.combine(x, y_base, mask)
 

@@ -1,0 +1,89 @@
+"""A few real training steps on a slice of real CIFAR-10 through the CLI, resume, NaN stop, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cdg.cli import main
+from cdg.config import load_config
+from cdg.train import pretrain
+
+TINY = ["model.width=0.125", "data.batch_size=32", "data.train_images=256", "trainer.max_epochs=1",
+        "trainer.precision=32-true", "trainer.progress_bar=false", "trainer.monitor_images=128",
+        "method.proj_hidden_dim=64", "method.proj_output_dim=32", "eval.knn_k=20"]
+
+
+@pytest.mark.parametrize("method,mode", [("simclr", "dual"), ("mocov2", "dual"), ("simsiam", "unified"), ("simclr", "dense")])
+def test_pretrain_real_cifar_few_steps(cifar10_root, tmp_path, method, mode):
+    cfg = load_config(None, TINY + [f"method.name={method}", f"gating.mode={mode}", "gating.groups=2",
+                                    f"data.root={cifar10_root}", "method.queue_size=256"])
+    out = tmp_path / "run"
+    values = pretrain(cfg, out)
+    assert (out / "backbone.pt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    assert (out / "config.yaml").is_file() and (out / "pretrain_split.json").is_file()
+    assert values["pretrain_epochs"] == 1
+    if mode != "dense":
+        assert 0.0 <= values["train_eta_a1_last_epoch"] <= 1.0
+
+
+def test_cli_pretrain_eval_report_resume(cifar10_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CDG_DATA", str(cifar10_root))
+    out = tmp_path / "run"
+    over = TINY + ["gating.mode=dual", "gating.groups=2", "trainer.max_epochs=1"]
+    assert main(["pretrain", "--config", "configs/cpu/simclr_cdg.yaml", "--out", str(out), *over]) == 0
+    assert main(["pretrain", "--config", "configs/cpu/simclr_cdg.yaml", "--out", str(out), *over]) == 2  # exists
+    assert "already holds a run" in capsys.readouterr().err
+    # resume for one more epoch: continues from the checkpoint (global step keeps counting)
+    steps_before = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert main(["pretrain", "--resume", "--out", str(out), "trainer.max_epochs=2"]) == 0
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2 * steps_before
+    assert main(["knn", "--run", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= m["knn_top1"] <= 1.0 and 0.0 <= m["eta"] <= 1.0
+    assert m["protocol"]["knn_top1"]["dataset"] == "cifar10" and m["protocol"]["knn_top1"]["width"] == 0.125
+    assert m["flops_reduction_exact"] > 1.0 and m["flops_reduction_eq13"] > 1.0
+    capsys.readouterr()
+    assert main(["report", "--run", str(out)]) == 0
+    assert "kNN top-1" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from cdg.methods.simclr import SimCLR
+
+    cfg = load_config(None, TINY + ["data.dataset=synthetic", "trainer.checkpoint_every_n_steps=2"])
+    calls = {"n": 0}
+    orig = SimCLR.ssl_loss
+
+    def flaky(self, v1, v2):
+        calls["n"] += 1
+        loss = orig(self, v1, v2)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(SimCLR, "ssl_loss", flaky)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        pretrain(cfg, tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_cli_errors_name_the_culprit(tmp_path, capsys):
+    assert main(["pretrain", "--config", "configs/cpu/simclr_cdg.yaml", "--out", str(tmp_path / "x"), "model.widht=1"]) == 2
+    assert "unknown config key 'model.widht'" in capsys.readouterr().err
+    assert main(["pretrain", "--config", "configs/cpu/simclr_cdg.yaml", "--out", str(tmp_path / "y"),
+                 f"data.root={tmp_path}/nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "data error" in err and "nowhere" in err
+    assert main(["knn", "--run", str(tmp_path / "missing")]) == 2
+    assert "not a cdg run directory" in capsys.readouterr().err
+
+
+def test_cli_flops(capsys):
+    assert main(["flops", "--config", "configs/cpu/simclr_cdg.yaml", "--eta", "0.7", "--json", "model.width=1.0"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert abs(out["total_dense_macs"] / 1e9 - 0.5554) < 1e-3
+    assert out["flops_reduction_eq13"] == pytest.approx(1 / (0.25 + 0.3 * 0.75))
+    assert 1.0 < out["flops_reduction_exact"] < out["flops_reduction_eq13"]
