@@ -1,0 +1,85 @@
+"""SimCLR training-step time with gated convolutions divided by the same with dense convolutions.
+
+Two views (view 1 on a1, view 2 on a2), forward + backward + SGD step, ResNet-18, CIFAR input,
+bf16 autocast + channels_last, interleaved in one process (the host is shared and noisy: only
+ratios measured side by side mean anything). Three forms:
+
+* dense:  plain 3x3 convolutions;
+* cdg:    our GatedConv2d at G = 4 (dense conv + grouped base conv + fused gate);
+* naive:  the original channel-gating formulation: a full conv plus a *masked* full-size base conv
+          (Y = Y_full * M + Y_base * (1 - M)), about 2x the dense convolution cost.
+
+Usage: python benchmarks/bench_gated_conv.py [--widths 0.25 1.0] [--batch 128] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdg.models import create_model
+from cdg.nn import GatedConv2d, make_conv_layer
+
+
+class NaiveGatedConv2d(GatedConv2d):
+    """Reference formulation of the original CGNet code: masked weights, two full convolutions."""
+
+    def forward(self, x, branch=0):
+        g, co, ci = self.gate_groups, self.out_channels // self.gate_groups, self.in_channels // self.gate_groups
+        mask_w = torch.zeros_like(self.weight)
+        for o, p in enumerate(self.blocks[branch]):
+            mask_w[o * co:(o + 1) * co, p * ci:(p + 1) * ci] = 1
+        y_base = F.conv2d(x, self.weight * mask_w, None, self.stride, 1)
+        y_full = F.conv2d(x, self.weight, None, self.stride, 1)
+        m = self.gate(y_base, branch).to(y_full.dtype)
+        return y_full * m + y_base * (1 - m)
+
+
+def step_time(net: nn.Module, x1: torch.Tensor, x2: torch.Tensor, opt: torch.optim.Optimizer) -> float:
+    t = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z1, z2 = net(x1, branch=0).float(), net(x2, branch=1).float()
+        loss = -(F.normalize(z1) * F.normalize(z2)).sum(1).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--widths", type=float, nargs="+", default=[0.25, 1.0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    for w in a.widths:
+        factories = {"dense": make_conv_layer("dense"), "cdg": make_conv_layer("dual", gate_groups=4),
+                     "naive": lambda i, o, s=1: NaiveGatedConv2d(i, o, s, 4)}
+        nets, opts = {}, {}
+        for k, f in factories.items():
+            torch.manual_seed(0)
+            nets[k] = create_model("resnet18", width=w, conv_layer=f).to(memory_format=torch.channels_last)
+            opts[k] = torch.optim.SGD(nets[k].parameters(), lr=0.01, momentum=0.9)
+        x1 = torch.randn(a.batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        x2 = torch.randn(a.batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        times: dict[str, list[float]] = {k: [] for k in nets}
+        for k in nets:  # warm-up
+            step_time(nets[k], x1, x2, opts[k])
+        for _ in range(a.rounds):  # interleaved
+            for k in nets:
+                times[k].append(step_time(nets[k], x1, x2, opts[k]))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"ResNet-18 x{w}, batch {a.batch}, two views, fwd+bwd+step, bf16+channels_last, {a.threads} threads: "
+              f"dense {med['dense']:.3f}s  cdg {med['cdg']:.3f}s ({med['cdg'] / med['dense']:.2f}x dense)  "
+              f"naive CGNet form {med['naive']:.3f}s ({med['naive'] / med['dense']:.2f}x dense)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
