@@ -36,7 +36,7 @@ class SSLMethod(L.LightningModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Batched augmentation on the training device (SPEC 7): uint8 images -> two views."""
         images, labels = batch
-        if self.trainer is not None and self.trainer.training and images.dtype == torch.uint8:
+        if self._trainer is not None and self._trainer.training and images.dtype == torch.uint8:
             v1, v2 = self.augment.two_views(images)
             if self.cfg.trainer.channels_last:
                 v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
@@ -86,7 +86,7 @@ class SSLMethod(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        world = self.trainer.world_size if self.trainer is not None else 1
+        world = self._trainer.world_size if self._trainer is not None else 1  # usable without a Trainer
         lr = o.lr * (self.cfg.data.batch_size * world / 256 if o.scale_lr else 1.0)
         groups = self.param_groups()
         if o.name == "lars":
