@@ -87,3 +87,26 @@ def test_cli_flops(capsys):
     assert abs(out["total_dense_macs"] / 1e9 - 0.5554) < 1e-3
     assert out["flops_reduction_eq13"] == pytest.approx(1 / (0.25 + 0.3 * 0.75))
     assert 1.0 < out["flops_reduction_exact"] < out["flops_reduction_eq13"]
+
+
+def test_finetune_and_sgd_linear_protocols(cifar10_root, tmp_path, monkeypatch, capsys):
+    """Fine-tuning trains tau and keeps gating on a1; the SGD linear probe freezes backbone and gates."""
+    from cdg.data import load_split
+
+    monkeypatch.setenv("CDG_DATA", str(cifar10_root))
+    out = tmp_path / "run"
+    over = TINY + ["gating.mode=dual", "gating.groups=2", "data.batch_size=256"]
+    assert main(["pretrain", "--config", "configs/cpu/simclr_cdg.yaml", "--out", str(out), *over]) == 0
+    before = torch.load(out / "backbone.pt", weights_only=True)
+    assert main(["linear", "--run", str(out), "--epochs", "1"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= m["linear_top1"] <= 1.0 and "SGD, frozen backbone" in m["protocol"]["linear_top1"]["protocol"]
+    assert main(["finetune", "--run", str(out), "--epochs", "1"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= m["finetune_top1"] <= 1.0 and m["protocol"]["finetune_top1"]["label_fraction"] == 0.5
+    assert 0.0 <= m["finetune_eta"] <= 1.0
+    idx, meta = load_split(out / "finetune_split.json")
+    assert len(idx) == 25000 and meta["fraction"] == 0.5
+    after = torch.load(out / "finetuned_backbone.pt", weights_only=True)
+    taus = [k for k in before if k.endswith("tau")]
+    assert taus and any(not torch.equal(before[k], after[k]) for k in taus)  # tau trained in fine-tuning

@@ -1,4 +1,4 @@
-"""``cdg`` command line: pretrain, linear, knn, flops.
+"""``cdg`` command line: pretrain, linear, finetune, knn, flops, report.
 
 Every number printed or written to ``metrics.json`` carries its protocol.
 """
@@ -107,9 +107,11 @@ def cmd_linear(a: argparse.Namespace) -> int:
     from cdg.eval.linear import linear_probe_fast
     from cdg.runs import base_protocol, load_run, update_metrics
 
-    cfg, backbone = load_run(a.run)
     if not a.fast:
-        raise ConfigError("the SGD linear protocol (100 epochs) is not implemented yet; use --fast")
+        if a.random_init:
+            raise ConfigError("--random-init is available with --fast only")
+        return _supervised(a, finetune=False)
+    cfg, backbone = load_run(a.run)
     key = "linear_top1"
     if a.random_init:  # the floor: the same probe on a randomly initialised backbone of this config
         import torch
@@ -132,6 +134,73 @@ def cmd_linear(a: argparse.Namespace) -> int:
     update_metrics(a.run, values, prot)
     _print_result("linear top-1" + (" (random-init backbone)" if a.random_init else ""), acc, prot, values)
     return 0
+
+
+def _supervised(a: argparse.Namespace, finetune: bool) -> int:
+    """Fine-tuning on a stratified label fraction, or the SGD linear protocol, on branch a1."""
+    import copy
+
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from cdg.data import TensorImageDataset, build_dataset, save_split, stratified_subset
+    from cdg.eval.supervised import SupervisedHead, evaluate_classifier
+    from cdg.nn import gate_statistics, reset_gate_stats
+    from cdg.runs import base_protocol, load_run, update_metrics
+    from cdg.train import BatchedTensorDataset, _as_batch, build_trainer
+
+    cfg, backbone = load_run(a.run)
+    cfg = copy.deepcopy(cfg)
+    if a.epochs is not None:
+        if finetune:
+            cfg.eval.finetune_epochs = a.epochs
+        else:
+            cfg.eval.linear_epochs = a.epochs
+    kw = {"label_type": cfg.data.label_type} if cfg.data.dataset == "cifar100" else {}
+    train = build_dataset(cfg.data.dataset, cfg.data.root, "train", cfg.data.download, **kw)
+    test = build_dataset(cfg.data.dataset, cfg.data.root, "test", cfg.data.download, **kw)
+    if not isinstance(train, TensorImageDataset):
+        raise ConfigError(f"fine-tuning and the SGD linear protocol support in-memory datasets (CIFAR) only, not {cfg.data.dataset}")
+    fraction = cfg.eval.finetune_fraction if finetune else 1.0
+    if fraction < 1.0:
+        idx = stratified_subset(train.targets, fraction, cfg.eval.split_seed)
+        save_split(Path(a.run) / "finetune_split.json", idx, fraction=fraction, seed=cfg.eval.split_seed)
+        train = train.subset(idx)
+    loader = DataLoader(BatchedTensorDataset(train), batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
+                        collate_fn=_as_batch)
+    model = SupervisedHead(cfg, backbone, len(train.classes), finetune, len(loader))
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=__import__("torch").channels_last)
+    epochs = cfg.eval.finetune_epochs if finetune else cfg.eval.linear_epochs
+    stage = "finetune" if finetune else "linear_sgd"
+    L.seed_everything(cfg.trainer.seed)
+    t0 = time.time()
+    trainer = build_trainer(cfg, Path(a.run) / stage, [], max_epochs=epochs, enable_checkpointing=False)
+    trainer.fit(model, loader)
+    reset_gate_stats(model.backbone)
+    acc = evaluate_classifier(model, test, cfg.data.eval_batch_size)
+    stats = gate_statistics(model.backbone, "eval")
+    key = "finetune_top1" if finetune else "linear_top1"
+    name = (f"fine-tune (SGD lr {cfg.eval.finetune_lr}, cosine, wd {cfg.eval.finetune_weight_decay}, gating active, tau trained to s)"
+            if finetune else f"linear probe (SGD, frozen backbone and gates, lr {cfg.eval.linear_lr}, steps at {cfg.eval.linear_milestones})")
+    prot = base_protocol(cfg, protocol=name, train_split=f"train, stratified {fraction:.0%} (seed {cfg.eval.split_seed})",
+                         eval_split="test", label_fraction=fraction, pretrain_epochs=cfg.trainer.max_epochs,
+                         epochs=epochs, branch="a1")
+    values: dict[str, Any] = {key: acc, f"{stage}_wall_s": time.time() - t0}
+    if finetune and stats:
+        sp = _sparsity_values(cfg, stats, model.backbone)
+        values.update({f"finetune_{k}": v for k, v in sp.items()})
+        torch_save = __import__("torch").save
+        torch_save(model.backbone.state_dict(), Path(a.run) / "finetuned_backbone.pt")
+    elif stats:
+        values.update(_sparsity_values(cfg, stats, model.backbone))
+    update_metrics(a.run, values, prot)
+    _print_result(key.replace("_top1", " top-1"), acc, prot, {k.replace("finetune_", ""): v for k, v in values.items()})
+    return 0
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    return _supervised(a, finetune=True)
 
 
 def _print_result(label: str, acc: float, prot: dict[str, Any], values: dict[str, Any]) -> None:
@@ -213,10 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.width=0.25")
     s.set_defaults(fn=cmd_pretrain)
-    for name, fn, helptext in (("linear", cmd_linear, "linear probe of a run's frozen backbone"),
-                               ("knn", cmd_knn, "kNN accuracy of a run's frozen backbone")):
+    for name, fn, helptext in (("linear", cmd_linear, "linear probe of a run's frozen backbone (SGD protocol, or --fast)"),
+                               ("knn", cmd_knn, "kNN accuracy of a run's frozen backbone"),
+                               ("finetune", cmd_finetune, "fine-tune on a stratified label fraction (50%) with gating active")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--run", required=True)
+        if name in ("linear", "finetune"):
+            s.add_argument("--epochs", type=int, help="override eval.linear_epochs / eval.finetune_epochs")
         if name == "linear":
             s.add_argument("--fast", action="store_true", help="cached features + logistic regression (CPU protocol)")
             s.add_argument("--random-init", action="store_true", help="probe a randomly initialised backbone (the floor)")

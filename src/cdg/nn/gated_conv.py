@@ -110,6 +110,66 @@ def _channels_last_view(t: Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+def _gate_forward(y_full: Tensor, y_base: Tensor, tau: Tensor, group_size: int, nhwc: bool):
+    """Forward math of the fused gate on (N, C, H, W) or, with ``nhwc``, (N, H, W, C) tensors."""
+    cdim, sdims = (3, (1, 2)) if nhwc else (1, (2, 3))
+    cdt = torch.promote_types(y_base.dtype, torch.float32)  # gate math in fp32 (fp64 in tests)
+    s = _group_mean(y_base.to(cdt), group_size, cdim)
+    mu, rstd = _spatial_moments(s, sdims)
+    t = tau.to(cdt).view((1, 1, 1, -1) if nhwc else (1, -1, 1, 1))
+    # n > tau  <=>  s > mu + tau / rstd: no normalised tensor is needed in the forward pass
+    mask = (s > mu + t / rstd).to(y_base.dtype)
+    y_cond = y_full - y_base
+    out = torch.addcmul(y_base, _group_repeat(mask, group_size, cdim), y_cond)  # Eq. 3
+    return out, mask, y_cond, s, mu, rstd, t
+
+
+def _gate_backward(grad: Tensor, y_cond: Tensor, s: Tensor, mu: Tensor, rstd: Tensor, t: Tensor, mask: Tensor,
+                   alpha: float, surrogate: str, group_size: int, nhwc: bool):
+    """Backward math of the fused gate: gradients for Y_full, Y_base and tau."""
+    g = group_size
+    cdim, sdims = (3, (1, 2)) if nhwc else (1, (2, 3))
+    grad_full = grad * _group_repeat(mask, g, cdim)
+    grad_m = _group_sum((grad * y_cond).to(s.dtype), g, cdim)  # dL/dM = dL/dY * Y_cond
+    if surrogate == "sigmoid":
+        # alpha * (n - tau) = s * (alpha rstd) - alpha (mu rstd + tau): one pass, then
+        # grad_n = alpha * sig * (1 - sig) * grad_m through sigmoid's own backward kernel.
+        k = alpha * rstd
+        sig = torch.sigmoid(torch.addcmul(-k * mu - alpha * t, s, k))
+        gb = torch.ops.aten.sigmoid_backward(grad_m, sig)
+        scale = alpha
+    else:
+        gb = grad_m * gate_surrogate_derivative((s - mu) * rstd - t, alpha, surrogate)
+        scale = 1.0
+    # grad_n = scale * gb.  Instance-norm backward dS = rstd (dN - mean(dN) - N mean(dN N)),
+    # written with per-(sample, channel) coefficients: dS = c1 * gb + c2 * s + c3.
+    mean_gb = gb.mean(sdims, keepdim=True)
+    mean_gbs = (gb * s).mean(sdims, keepdim=True)
+    b = rstd * (mean_gbs - mu * mean_gb)  # mean(gb * n)
+    c1 = scale * rstd
+    c2 = -scale * rstd * rstd * b
+    c3 = scale * rstd * (rstd * b * mu - mean_gb)
+    grad_s = torch.addcmul(torch.addcmul(c3, c2, s), c1, gb)
+    grad_tau = -scale * gb.sum(dim=tuple(d for d in range(4) if d != cdim))
+    if g > 1:
+        grad_s = _group_repeat(grad_s, g, cdim) / g
+    grad_base = (grad - grad_full) + grad_s.to(grad.dtype)
+    return grad_full, grad_base, grad_tau
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _math(name: str, compiled: bool):
+    """The eager function, or its ``torch.compile`` (Inductor) version, built once on first use."""
+    fn = _gate_forward if name == "forward" else _gate_backward
+    if not compiled:
+        return fn
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[name]
+
+
 class _FusedInstanceGate(torch.autograd.Function):
     """Training fast path: salience -> instance norm -> step -> Eq. 3 combine, in one function.
 
@@ -117,25 +177,19 @@ class _FusedInstanceGate(torch.autograd.Function):
     backward written out so that autograd stores and runs far fewer elementwise passes (the
     composable form costs more than the convolutions on a CPU). Tested against that composition.
     Channels-last inputs are processed as contiguous N x H x W x C views (mixed layouts are slow).
+    With ``compiled`` the math runs through ``torch.compile``, which fuses it into a few kernels.
     Returns the layer output and the 0/1 mask (one entry per C_g group, N x C/C_g x H x W).
     """
 
     @staticmethod
-    def forward(ctx, y_full: Tensor, y_base: Tensor, tau: Tensor, alpha: float, surrogate: str, group_size: int):  # type: ignore[override]
+    def forward(ctx, y_full: Tensor, y_base: Tensor, tau: Tensor, alpha: float, surrogate: str, group_size: int,  # type: ignore[override]
+                compiled: bool = False):
         nhwc = _channels_last_view(y_base) and _channels_last_view(y_full)
         if nhwc:  # channel axis last: reduce over (1, 2)
             y_full, y_base = y_full.permute(0, 2, 3, 1), y_base.permute(0, 2, 3, 1)
-        cdim, sdims = (3, (1, 2)) if nhwc else (1, (2, 3))
-        cdt = torch.promote_types(y_base.dtype, torch.float32)  # gate math in fp32 (fp64 in tests)
-        s = _group_mean(y_base.to(cdt), group_size, cdim)
-        mu, rstd = _spatial_moments(s, sdims)
-        t = tau.to(cdt).view((1, 1, 1, -1) if nhwc else (1, -1, 1, 1))
-        # n > tau  <=>  s > mu + tau / rstd: no normalised tensor is needed in the forward pass
-        mask = (s > mu + t / rstd).to(y_base.dtype)
-        y_cond = y_full - y_base
-        out = torch.addcmul(y_base, _group_repeat(mask, group_size, cdim), y_cond)  # Eq. 3
-        ctx.save_for_backward(y_cond, s, mu, rstd, t, mask)
-        ctx.alpha, ctx.surrogate, ctx.group_size, ctx.nhwc = alpha, surrogate, group_size, nhwc
+        out, mask, *saved = _math("forward", compiled)(y_full, y_base, tau, group_size, nhwc)
+        ctx.save_for_backward(*saved, mask)
+        ctx.alpha, ctx.surrogate, ctx.group_size, ctx.nhwc, ctx.compiled = alpha, surrogate, group_size, nhwc, compiled
         ctx.tau_shape, ctx.tau_dtype = tau.shape, tau.dtype
         ctx.mark_non_differentiable(mask)
         if nhwc:
@@ -144,41 +198,15 @@ class _FusedInstanceGate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_mask: Tensor | None):  # type: ignore[override]
-        y_cond, s, mu, rstd, t, mask = ctx.saved_tensors
-        g, nhwc, alpha = ctx.group_size, ctx.nhwc, ctx.alpha
-        cdim, sdims = (3, (1, 2)) if nhwc else (1, (2, 3))
-        if nhwc:
+        if ctx.nhwc:
             grad = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         else:
             grad = grad.contiguous()
-        grad_full = grad * _group_repeat(mask, g, cdim)
-        grad_m = _group_sum((grad * y_cond).to(s.dtype), g, cdim)  # dL/dM = dL/dY * Y_cond
-        if ctx.surrogate == "sigmoid":
-            # alpha * (n - tau) = s * (alpha rstd) - alpha (mu rstd + tau): one pass, then
-            # grad_n = alpha * sig * (1 - sig) * grad_m through sigmoid's own backward kernel.
-            k = alpha * rstd
-            sig = torch.sigmoid(torch.addcmul(-k * mu - alpha * t, s, k))
-            gb = torch.ops.aten.sigmoid_backward(grad_m, sig)
-            scale = alpha
-        else:
-            gb = grad_m * gate_surrogate_derivative((s - mu) * rstd - t, alpha, ctx.surrogate)
-            scale = 1.0
-        # grad_n = scale * gb.  Instance-norm backward dS = rstd (dN - mean(dN) - N mean(dN N)),
-        # written with per-(sample, channel) coefficients: dS = c1 * gb + c2 * s + c3.
-        mean_gb = gb.mean(sdims, keepdim=True)
-        mean_gbs = (gb * s).mean(sdims, keepdim=True)
-        b = rstd * (mean_gbs - mu * mean_gb)  # mean(gb * n)
-        c1 = scale * rstd
-        c2 = -scale * rstd * rstd * b
-        c3 = scale * rstd * (rstd * b * mu - mean_gb)
-        grad_s = torch.addcmul(torch.addcmul(c3, c2, s), c1, gb)
-        grad_tau = -scale * gb.sum(dim=tuple(d for d in range(4) if d != cdim)).reshape(ctx.tau_shape)
-        if g > 1:
-            grad_s = _group_repeat(grad_s, g, cdim) / g
-        grad_base = (grad - grad_full) + grad_s.to(grad.dtype)
-        if nhwc:
+        grad_full, grad_base, grad_tau = _math("backward", ctx.compiled)(
+            grad, *ctx.saved_tensors, ctx.alpha, ctx.surrogate, ctx.group_size, ctx.nhwc)
+        if ctx.nhwc:
             grad_full, grad_base = grad_full.permute(0, 3, 1, 2), grad_base.permute(0, 3, 1, 2)
-        return grad_full, grad_base, grad_tau.to(ctx.tau_dtype), None, None, None
+        return grad_full, grad_base, grad_tau.reshape(ctx.tau_shape).to(ctx.tau_dtype), None, None, None, None
 
 
 def _spatial_moments(s: Tensor, dims: tuple[int, int], eps: float = 1e-5) -> tuple[Tensor, Tensor]:
@@ -229,6 +257,7 @@ class GatedConv2d(nn.Module):
         surrogate: backward of the step: ``sigmoid``, ``one_sided`` or ``hard_sigmoid``.
         alpha: surrogate slope (2.0).
         tau_init: initial threshold.
+        compile_gate: run the fused training gate through ``torch.compile`` (same values).
     """
 
     def __init__(
@@ -245,6 +274,7 @@ class GatedConv2d(nn.Module):
         surrogate: Surrogate = "sigmoid",
         alpha: float = 2.0,
         tau_init: float = 0.0,
+        compile_gate: bool = False,
     ) -> None:
         super().__init__()
         g = gate_groups
@@ -284,6 +314,7 @@ class GatedConv2d(nn.Module):
         self.track_stats = True
         self.keep_masks = False
         self.fused = True  # training fast path (instance norm); False runs the three steps
+        self.compile_gate = compile_gate  # run the fused gate math through torch.compile
         self.last_masks: dict[int, Tensor] = {}
         self._a1_mask: Tensor | None = None
 
@@ -337,7 +368,8 @@ class GatedConv2d(nn.Module):
         y_base = self.base_path(x, branch)
         if self.fused and self.norm == "instance" and torch.is_grad_enabled() and self.mode != "unified":
             y_full = F.conv2d(x, self.weight, None, self.stride, 1)
-            out, mask = _FusedInstanceGate.apply(y_full, y_base, self.tau, self.alpha, self.surrogate, self.group_size)
+            out, mask = _FusedInstanceGate.apply(y_full, y_base, self.tau, self.alpha, self.surrogate, self.group_size,
+                                                 self.compile_gate)
             self._record(mask, branch)
             return out
         if self.mode == "unified" and branch == 1:

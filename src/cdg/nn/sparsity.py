@@ -14,9 +14,21 @@ from torch import Tensor, nn
 from cdg.nn.gated_conv import GatedConv2d
 
 
-def gated_layers(model: nn.Module) -> list[tuple[str, GatedConv2d]]:
-    """The gated convolutions of ``model`` (G > 1), in module order, with their names."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, GatedConv2d) and m.gate_groups > 1]
+def gated_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The gated convolutions of ``model``, in module order, with their names.
+
+    :class:`GatedConv2d` with G > 1 (CDG, CGNet) and the dynamic-pruning baselines
+    :class:`cdg.nn.fbs.FBSConv2d` and :class:`cdg.nn.dgc.DGCConv2d` (SPEC section 5). All share the
+    statistics surface (``gate_counts``, ``in_channels``, ``reset_stats``, ``last_masks``); only
+    CDG/CGNet layers have thresholds ``tau`` (see :func:`threshold_layers`).
+    """
+    from cdg.nn.dgc import DGCConv2d
+    from cdg.nn.fbs import FBSConv2d
+
+    return [
+        (n, m) for n, m in model.named_modules()
+        if (isinstance(m, GatedConv2d) and m.gate_groups > 1) or isinstance(m, (FBSConv2d, DGCConv2d))
+    ]
 
 
 def threshold_from_sparsity(p: float) -> float:
@@ -97,3 +109,27 @@ def mask_similarity(model: nn.Module, x1: Tensor, x2: Tensor) -> float:
     finally:
         for _, m in layers:
             m.keep_masks, m.track_stats, m.last_masks = False, True, {}
+
+
+def threshold_layers(model: nn.Module) -> list[tuple[str, GatedConv2d]]:
+    """The gated convolutions with a learned threshold ``tau`` (GatedConv2d, G > 1): Eq. 11 applies."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GatedConv2d) and m.gate_groups > 1]
+
+
+def pop_aux_losses(model: nn.Module) -> Tensor:
+    """Sum of the salience-predictor losses of FBS / DGC layers since the last call; clears them.
+
+    FBS: l1 * sum |g|; DGC: loss_coef * mean saliency (SPEC section 5), for every branch called in
+    training mode with gradients enabled. A 0-d zero when ``model`` has none.
+    """
+    terms = [m.pop_aux_loss() for m in model.modules() if hasattr(m, "pop_aux_loss")]
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).sum()
+
+
+def set_pruning_progress(model: nn.Module, progress: float) -> None:
+    """Tell every layer with a pruning schedule (DGC) the fraction of training done (0..1)."""
+    for m in model.modules():
+        if hasattr(m, "set_progress"):
+            m.set_progress(progress)

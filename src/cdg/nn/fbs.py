@@ -1,0 +1,194 @@
+"""Feature Boosting and Suppression (FBS, Gao et al. 2019): a baseline of Tables 6-7 (SPEC section 5).
+
+Per gated 3x3 convolution, a salience predictor reads the globally average-pooled input and scores
+every *output* channel of every sample::
+
+    g = ReLU(FC(GAP(x)))                      FC: C_in -> C_out, bias initialised to 1
+    M = top_k(g), k = ceil(d * C_out)         winner-take-all per sample (d = keep ratio, 0.5 = "2.00x")
+    Y = M * g * BN_noaffine(conv(x)) + M * beta
+
+with ``beta`` a learnable per-channel bias (the normalisation has no affine part) and an L1 penalty
+``l1 * sum |g|`` (1e-8) added to the training loss. The block's own BatchNorm follows as usual.
+In self-supervised training the predictor (and the normalisation) is shared by both contrastive
+views; the masks are per view, because they depend on the input (SPEC section 5).
+
+Training computes ``conv(x)`` densely and multiplies by the mask; at inference the suppressed output
+channels of a sample are simply not computed, so they cost nothing: the layer costs
+``9 C_in C_out H W (1 - eta) + C_in C_out`` MACs per image (:meth:`FBSConv2d.macs_per_image`).
+
+This module also holds :class:`DynamicPruningConv`, the statistics surface that FBS and DGC
+(:mod:`cdg.nn.dgc`) share with :class:`cdg.nn.GatedConv2d` (``gate_counts``, ``track_stats``,
+``keep_masks``, ``last_masks``, ``reset_stats``), so that :func:`cdg.nn.gate_statistics` and
+:func:`cdg.nn.mask_similarity` work on all of them unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def kept_channels(keep_ratio: float, channels: int) -> int:
+    """k = ceil(keep_ratio * channels), at least 1 and at most ``channels``.
+
+    A tiny tolerance keeps ratios such as 0.5 * 64 from rounding up on floating-point noise.
+    """
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep ratio must be in (0, 1], got {keep_ratio!r}")
+    return max(1, min(channels, math.ceil(keep_ratio * channels - 1e-9)))
+
+
+def top_k_mask(scores: Tensor, k: int, dim: int = -1) -> Tensor:
+    """0/1 mask (dtype of ``scores``) of the ``k`` largest entries along ``dim``, exactly k per row.
+
+    Ties are broken by :func:`torch.topk`; the mask carries no gradient.
+    """
+    if k >= scores.shape[dim]:
+        return torch.ones_like(scores)
+    idx = scores.detach().topk(k, dim=dim, sorted=False).indices
+    return torch.zeros_like(scores).scatter_(dim, idx, 1.0)
+
+
+class DynamicPruningConv(nn.Module):
+    """Statistics and auxiliary-loss plumbing shared by :class:`FBSConv2d` and ``DGCConv2d``.
+
+    * ``gate_counts`` (non-persistent float64 buffer, on the device): [phase (0 train, 1 eval),
+      branch, (closed, total)], as in :class:`cdg.nn.GatedConv2d`. Counts are in *output-element
+      equivalents*: a call adds ``total = N * C_out * H_out * W_out`` and ``closed = eta_call *
+      total``, where ``eta_call`` is the fraction of channel computations skipped (SPEC section 5).
+      Per layer, eta is that fraction; across layers the element-weighted eta weighs each layer by
+      its output elements as for CDG, and ``gate_statistics``' FLOP weighting (9 * C_in per
+      element) is then exact.
+    * ``last_masks[branch]`` (with ``keep_masks``): the 0/1 channel selection as
+      (N, predictors, channels, 1), so that :func:`cdg.nn.mask_similarity` gives the cosine
+      similarity of the two views' channel selections.
+    * Auxiliary (predictor) losses of training forwards with gradients enabled are kept per branch,
+      the latest forward of each branch only, and handed out, summed, by :meth:`pop_aux_loss`,
+      which clears them. Forwards in eval mode or under ``torch.no_grad`` (e.g. a MoCo key encoder)
+      store nothing.
+    """
+
+    gating_kind = "dynamic"
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        for name, c in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if c < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be >= 1, got {c}")
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.register_buffer("gate_counts", torch.zeros(2, 2, 2, dtype=torch.float64), persistent=False)
+        self.track_stats = True
+        self.keep_masks = False
+        self.last_masks: dict[int, Tensor] = {}
+        self._aux: dict[int, Tensor] = {}
+
+    @staticmethod
+    def _check_branch(branch: int) -> None:
+        if branch not in (0, 1):
+            raise ValueError(f"branch must be 0 (a1) or 1 (a2), got {branch!r}")
+
+    def _record(self, mask: Tensor, branch: int, eta_call: float, out_elements: int, aux: Tensor) -> None:
+        """Store mask, statistics and auxiliary loss of one forward (see the class docstring)."""
+        if self.keep_masks:
+            self.last_masks[branch] = mask.detach().unsqueeze(-1)
+        if self.track_stats:
+            with torch.no_grad():
+                counts = self.gate_counts[0 if self.training else 1, branch]
+                counts[0] += eta_call * out_elements  # scalar adds: no host synchronisation
+                counts[1] += out_elements
+        if self.training and torch.is_grad_enabled():
+            self._aux[branch] = aux
+
+    def pop_aux_loss(self) -> Tensor:
+        """Sum of the stored auxiliary losses (one per branch called since the last pop); clears them."""
+        if not self._aux:
+            return torch.zeros((), device=self.gate_counts.device)
+        losses, self._aux = list(self._aux.values()), {}
+        return torch.stack([l.float() for l in losses]).sum()
+
+    def reset_stats(self) -> None:
+        self.gate_counts.zero_()
+
+    def dense_macs(self, h_out: int, w_out: int) -> int:
+        """MACs of the dense 3x3 convolution for one image: 9 * C_in * C_out * H_out * W_out."""
+        return 9 * self.in_channels * self.out_channels * h_out * w_out
+
+    def predictor_macs(self) -> int:
+        """MACs of the salience predictor's FC layers for one image (pooling and top-k not counted)."""
+        raise NotImplementedError
+
+    def final_eta(self) -> float:
+        """Fraction of channel computations skipped at inference (the trained pruning rate)."""
+        raise NotImplementedError
+
+    def macs_per_image(self, h_out: int, w_out: int, eta: float | None = None) -> float:
+        """Inference MACs for one image: ``dense_macs * (1 - eta) + predictor_macs``.
+
+        ``eta`` defaults to :meth:`final_eta`. Pooling (C_in * H_in * W_in adds), top-k and the
+        per-channel scaling (O(C * H * W)) are not counted; they are below 1% of the convolution.
+        """
+        eta = self.final_eta() if eta is None else eta
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+        return self.dense_macs(h_out, w_out) * (1.0 - eta) + self.predictor_macs()
+
+
+class FBSConv2d(DynamicPruningConv):
+    """3x3 convolution with FBS output-channel pruning (Gao et al. 2019; SPEC section 5).
+
+    Args:
+        in_channels, out_channels: channel counts.
+        stride: convolution stride (kernel 3, padding 1, no bias).
+        keep_ratio: d, the fraction of output channels computed per sample (k = ceil(d * C_out)).
+        l1: coefficient of the L1 penalty on the saliences g (1e-8).
+
+    ``gate_groups`` is 1 (FBS has no base path; Table 6 lists no groups), ``group_size`` 1.
+    eta of a call is ``(C_out - k) / C_out``.
+    """
+
+    gating_kind = "fbs"
+
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int = 1, keep_ratio: float = 0.5, l1: float = 1e-8
+    ) -> None:
+        super().__init__(in_channels, out_channels, stride)
+        self.keep_ratio, self.l1 = float(keep_ratio), float(l1)
+        self.k = kept_channels(keep_ratio, out_channels)
+        self.gate_groups, self.group_size = 1, 1
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        self.predictor = nn.Linear(in_channels, out_channels)
+        nn.init.ones_(self.predictor.bias)
+        self.norm = nn.BatchNorm2d(out_channels, affine=False)
+        self.beta = nn.Parameter(torch.zeros(out_channels))
+
+    def saliency(self, x: Tensor) -> Tensor:
+        """g = ReLU(FC(GAP(x))): per-sample output-channel saliences, N x C_out, >= 0."""
+        return torch.relu(self.predictor(x.mean((2, 3))))
+
+    def forward(self, x: Tensor, branch: int = 0) -> Tensor:
+        self._check_branch(branch)
+        g = self.saliency(x)
+        mask = top_k_mask(g, self.k, dim=1)
+        y = self.norm(F.conv2d(x, self.weight, None, self.stride, 1))
+        gate = (mask * g).to(y.dtype)[:, :, None, None]
+        shift = (mask * self.beta).to(y.dtype)[:, :, None, None]
+        out = torch.addcmul(shift, y, gate)
+        n, c, h, w = out.shape
+        self._record(mask.unsqueeze(1), branch, self.final_eta(), n * c * h * w,
+                     self.l1 * g.float().abs().sum())
+        return out
+
+    def predictor_macs(self) -> int:
+        """The FC layer: C_in * C_out MACs per image."""
+        return self.in_channels * self.out_channels
+
+    def final_eta(self) -> float:
+        """(C_out - k) / C_out."""
+        return (self.out_channels - self.k) / self.out_channels
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, keep={self.k}/{self.out_channels}, l1={self.l1}"
