@@ -228,23 +228,35 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
+def _read_yaml(p: Path, cfg: Config, seen: tuple[Path, ...] = ()) -> None:
+    """Fill ``cfg`` from ``p``; a top-level ``base: FILE`` (relative to ``p``) is applied first."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in seen:
+        raise ConfigError(f"config file {p} includes itself through 'base'")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections")
+    base = values.pop("base", None)
+    if base is not None:
+        _read_yaml((p.parent / str(base)), cfg, seen + (p.resolve(),))
+    try:
+        _fill(cfg, values, "")
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Config from a YAML file (sections data, model, gating, method, optim, trainer, eval)."""
+    """Config from a YAML file (sections data, model, gating, method, optim, trainer, eval).
+
+    A file may start from another with a top-level ``base: other.yaml`` and change only some keys.
+    """
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections")
-        try:
-            _fill(cfg, values, "")
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
+        _read_yaml(Path(path), cfg)
     for text in overrides or []:
         key, value = parse_override(text)
         _fill(cfg, _nest(key, value), "")
