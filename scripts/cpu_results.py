@@ -36,6 +36,8 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "simclr_overlap75_g4": ("T2", "SimCLR + CDG, 75% base-path overlap, G=4", ["gating.mode=dual", "gating.groups=4", "gating.overlap=75"]),
     "simclr_overlap50_g4": ("T2", "SimCLR + CDG, 50% base-path overlap, G=4", ["gating.mode=dual", "gating.groups=4", "gating.overlap=50"]),
     "simclr_cdg_g4_cg4": ("T5", "SimCLR + structured CDG, C_g=4, G=4", ["gating.mode=dual", "gating.groups=4", "gating.group_size=4"]),
+    "simclr_fbs": ("T6", "SimCLR + FBS (keep 0.5 of output channels)", ["gating.mode=fbs", "gating.keep_ratio=0.5"]),
+    "simclr_dgc": ("T6", "SimCLR + DGC (4 heads, keep 0.45 of input channels)", ["gating.mode=dgc", "gating.groups=4", "gating.keep_ratio=0.45"]),
     "mocov2_dense": ("T7", "MoCo V2+ dense", ["method.name=mocov2", "optim.name=sgd", "optim.lr=0.3", "optim.weight_decay=1e-4", "method.queue_size=32768"]),
     "mocov2_cdg_g4": ("T7", "MoCo V2+ + CDG, G=4", ["method.name=mocov2", "optim.name=sgd", "optim.lr=0.3", "optim.weight_decay=1e-4", "method.queue_size=32768", "gating.mode=dual", "gating.groups=4"]),
     "simsiam_dense": ("T7", "SimSiam dense", ["method.name=simsiam", "optim.name=sgd", "optim.lr=0.5", "optim.weight_decay=1e-5", "method.proj_output_dim=2048", "model.zero_init_residual=true"]),

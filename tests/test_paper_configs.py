@@ -22,7 +22,8 @@ def test_every_table_row_has_a_config():
     for row in ("table1_unified_g4", "table1_dual_g4", "table2_overlap75", "table2_overlap50", "table2_disjoint",
                 "table3_cdg_g2", "table3_cdg_g8", "table4_cifar100_r18x2_cdg", "table4_imagenet100_r18x1_cdg",
                 "table5_cifar10_structured_cg8", "table6_cdg_simclr", "table6_cgnet_simclr",
-                "table7_cdg_mocov2", "table7_cgnet_simsiam"):
+                "table7_cdg_mocov2", "table7_cgnet_simsiam", "table6_fbs_simclr", "table6_dgc_simclr",
+                "table7_fbs_mocov2", "table7_dgc_simsiam"):
         assert row in names
 
 

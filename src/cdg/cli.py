@@ -50,9 +50,18 @@ def _sparsity_values(cfg, stats: dict[str, Any], backbone) -> dict[str, Any]:
     rep = mac_report(cfg)
     return {
         "eta": stats["eta"], "eta_flop_weighted": stats["eta_flop_weighted"], "eta_per_layer": stats["eta_per_layer"],
-        "flops_reduction_eq13": flops_reduction_eq13(stats["eta"], cfg.gating.groups),
+        "flops_reduction_eq13": _nominal_reduction(cfg, stats["eta"]),
         "flops_reduction_exact": rep.reduction_exact(stats["eta_per_layer"]),
     }
+
+
+def _nominal_reduction(cfg, eta: float) -> float:
+    """Eq. 13 for CDG/CGNet; 1 / (1 - eta) (no base path, predictors excluded) for FBS / DGC."""
+    from cdg.metrics import flops_reduction_eq13
+
+    if cfg.gating.mode in ("fbs", "dgc"):
+        return 1.0 / (1.0 - eta)
+    return flops_reduction_eq13(eta, cfg.gating.groups)
 
 
 def mac_report(cfg):
@@ -63,7 +72,9 @@ def mac_report(cfg):
     from cdg.metrics import count_macs
     from cdg.nn import gated_layers
 
-    gated = {n: (m.gate_groups, m.group_size) for n, m in gated_layers(build_backbone(cfg))}
+    gated = {n: (m.gate_groups, m.group_size, getattr(m, "gating_kind", "cdg"),
+                 m.predictor_macs() if hasattr(m, "predictor_macs") else 0)
+             for n, m in gated_layers(build_backbone(cfg))}
     dense_cfg = copy.deepcopy(cfg)
     dense_cfg.gating.mode = "dense"
     size = dataset_info(cfg.data.dataset).image_size or 224
@@ -228,7 +239,7 @@ def cmd_flops(a: argparse.Namespace) -> int:
         out["gated_macs"] = rep.gated_macs(eta)
         out["flops_reduction_exact"] = rep.reduction_exact(eta)
         if isinstance(eta, float):
-            out["flops_reduction_eq13"] = flops_reduction_eq13(eta, cfg.gating.groups)
+            out["flops_reduction_eq13"] = _nominal_reduction(cfg, eta)
     if a.json:
         print(json.dumps(out, indent=2))
         return 0

@@ -45,7 +45,7 @@ class ModelConfig:
 class GatingConfig:
     """SPEC sections 1, 3 and 5. ``mode``: dense, dual (CDG), shared_base (CGNet_SimCLR), unified."""
 
-    mode: Literal["dense", "dual", "shared_base", "unified"] = "dense"
+    mode: Literal["dense", "dual", "shared_base", "unified", "fbs", "dgc"] = "dense"
     groups: int = 4  # G
     overlap: Literal[0, 50, 75, 100] = 0  # Table 2 ablation (dual mode)
     group_size: int = 1  # C_g of the structured variant (Eq. 12)
@@ -57,6 +57,10 @@ class GatingConfig:
     target_sparsity: Optional[float] = None  # or a sparsity target p: s = Phi^-1(p)
     lam: float = 1e-4  # lambda of Eq. 11
     ramp_epochs: int = 0  # linear ramp of s from tau_init over this many epochs (0: off)
+    # baselines (SPEC 5): mode fbs / dgc; DGC heads = groups
+    keep_ratio: Optional[float] = None  # FBS d / DGC g; None: 0.5 (fbs), 0.45 (dgc)
+    predictor_loss: Optional[float] = None  # FBS l1 / DGC loss_coef; None: 1e-8 (fbs), 1e-5 (dgc)
+    squeeze: int = 16  # DGC r of the salience generators (halved when C_in < 80)
     compile_gate: bool = False  # torch.compile the fused training gate (about 7% faster on a CPU)
 
 
@@ -200,6 +204,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"invalid value {g.groups!r} for 'gating.groups'; valid: 1, 2, 4, 8")
     if g.overlap and (g.mode != "dual" or g.groups != 4):
         raise ConfigError("'gating.overlap' (Table 2) needs gating.mode=dual and gating.groups=4")
+    if g.keep_ratio is not None and not 0 < g.keep_ratio <= 1:
+        raise ConfigError(f"'gating.keep_ratio' must be in (0, 1], got {g.keep_ratio}")
     if g.target_sparsity is not None and not 0 < g.target_sparsity < 1:
         raise ConfigError(f"'gating.target_sparsity' must be in (0, 1), got {g.target_sparsity}")
     if cfg.model.width <= 0:

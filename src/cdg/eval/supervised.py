@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from cdg.builders import gating_target
 from cdg.config import Config
 from cdg.data import AugmentConfig, BatchAugment, dataset_info, normalize_batch
-from cdg.nn import sparsity_objective
+from cdg.nn import pop_aux_losses, sparsity_objective
 
 
 class SupervisedHead(L.LightningModule):
@@ -64,6 +64,7 @@ class SupervisedHead(L.LightningModule):
         self.log("train/ce", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         if self.finetune:
             loss = loss + sparsity_objective(self.backbone, self.target, self.cfg.gating.lam).to(loss.device)
+            loss = loss + pop_aux_losses(self.backbone).to(loss.device)  # FBS / DGC predictors (SPEC 5)
         return loss
 
     def configure_optimizers(self):

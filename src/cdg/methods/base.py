@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from cdg.builders import build_backbone, gating_target
 from cdg.config import Config
 from cdg.data import BatchAugment, augment_preset
-from cdg.nn import gated_layers, sparsity_objective
+from cdg.nn import pop_aux_losses, set_pruning_progress, sparsity_objective, threshold_layers
 from cdg.optim import LARS, build_warmup_cosine_scheduler, split_params_for_lars
 
 
@@ -59,11 +59,19 @@ class SSLMethod(L.LightningModule):
         frac = min(1.0, self.global_step / (ramp * self.steps_per_epoch))
         return self.cfg.gating.tau_init + frac * (self.target - self.cfg.gating.tau_init)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """DGC pruning-rate ramp (SPEC 5): fraction of training done, on every module (MoCo key encoder too)."""
+        total = max(1, self.cfg.trainer.max_epochs * self.steps_per_epoch)
+        set_pruning_progress(self, min(1.0, self.global_step / total))
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         (v1, v2), _ = batch
         loss = self.ssl_loss(v1, v2)
         reg = sparsity_objective(self.backbone, self.current_target(), self.cfg.gating.lam).to(loss.device)
-        total = loss + reg
+        aux = pop_aux_losses(self.backbone).to(loss.device)  # FBS / DGC predictor losses, both views
+        total = loss + reg + aux
+        if self.cfg.gating.mode in ("fbs", "dgc"):
+            self.log("train/predictor_loss", aux.detach(), on_step=True, on_epoch=True, batch_size=v1.shape[0])
         self.log("train/ssl_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=v1.shape[0])
         if self.cfg.gating.mode != "dense":
             self.log("train/sparsity_reg", reg.detach(), on_step=True, on_epoch=True, batch_size=v1.shape[0])
@@ -72,7 +80,7 @@ class SSLMethod(L.LightningModule):
     # --- optimisation ----------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
         """LARS/SGD groups; tau (gating thresholds) alone, no weight decay, no LARS scaling (SPEC 3)."""
-        taus = {id(m.tau) for _, m in gated_layers(self.backbone)}
+        taus = {id(m.tau) for _, m in threshold_layers(self.backbone)}
         groups = split_params_for_lars(self, extra_exclude=lambda n, p: id(p) in taus)
         out: list[dict[str, Any]] = []
         for g in groups:

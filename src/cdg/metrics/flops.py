@@ -32,6 +32,8 @@ class LayerMACs:
     gate_groups: int = 1
     group_size: int = 1
     out_elements: int = 0  # C_out x H x W for one image
+    kind: str = "cdg"  # "cdg" (GatedConv2d), "fbs" or "dgc" (SPEC 5 baselines)
+    predictor_macs: int = 0  # FBS: C_in*C_out; DGC: heads*2*C_in*(C_in/r) (the layer's predictor_macs())
 
 
 @dataclass
@@ -48,9 +50,12 @@ class MACReport:
             eta = eta_per_layer if isinstance(eta_per_layer, (int, float)) else (eta_per_layer or {}).get(l.name)
             if eta is None:
                 raise ValueError(f"no eta given for gated layer {l.name}")
-            g = l.gate_groups
-            kept = l.macs * (1.0 / g + (1.0 - 1.0 / g) * (1.0 - eta))
-            overhead = GATE_OPS_PER_ELEMENT * l.out_elements / l.group_size + (l.out_elements if l.group_size > 1 else 0)
+            if l.kind in ("fbs", "dgc"):  # skipped channel computations + salience predictor (SPEC 5)
+                kept, overhead = l.macs * (1.0 - eta), l.predictor_macs
+            else:
+                g = l.gate_groups
+                kept = l.macs * (1.0 / g + (1.0 - 1.0 / g) * (1.0 - eta))
+                overhead = GATE_OPS_PER_ELEMENT * l.out_elements / l.group_size + (l.out_elements if l.group_size > 1 else 0)
             total += kept + overhead - l.macs
         return total
 
@@ -68,10 +73,11 @@ def _leaf_convs(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def count_macs(dense_model: nn.Module, input_size: tuple[int, ...], gated: dict[str, tuple[int, int]] | None = None) -> MACReport:
+def count_macs(dense_model: nn.Module, input_size: tuple[int, ...], gated: dict[str, tuple] | None = None) -> MACReport:
     """Per-layer dense MACs of ``dense_model`` for one image of ``input_size`` (C, H, W).
 
-    ``gated`` maps a layer name to (G, C_g) for the layers a gated twin gates.
+    ``gated`` maps a layer name to (G, C_g) for the layers a gated twin gates, or to
+    (G, C_g, kind, predictor_macs) for the FBS / DGC baselines.
     """
     was = dense_model.training
     dense_model.eval()
@@ -94,7 +100,7 @@ def count_macs(dense_model: nn.Module, input_size: tuple[int, ...], gated: dict[
     for name in _leaf_convs(dense_model):
         flops = sum(counts.get(f"{root}.{name}", {}).values())
         shape = out_shapes.get(name, ())
-        g, cg = gated.get(name, (1, 1))
+        g, cg, kind, pred = (tuple(gated.get(name, (1, 1))) + ("cdg", 0))[:4]
         elems = int(torch.tensor(shape[1:]).prod()) if shape else 0
-        report.layers.append(LayerMACs(name, int(flops // 2), name in gated, g, cg, elems))
+        report.layers.append(LayerMACs(name, int(flops // 2), name in gated, g, cg, elems, kind, int(pred)))
     return report

@@ -44,7 +44,7 @@ def sparsity_objective(model: nn.Module, target: float, lam: float = 1e-4) -> Te
     In the structured variant one tau serves C_g channels and is counted C_g times, so the
     regulariser per channel does not depend on the group size.
     """
-    terms = [((m.tau - target) ** 2).sum() * m.group_size for _, m in gated_layers(model)]
+    terms = [((m.tau - target) ** 2).sum() * m.group_size for _, m in threshold_layers(model)]
     if not terms:
         return torch.zeros(())
     return lam * torch.stack(terms).sum()
