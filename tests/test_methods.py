@@ -1,0 +1,75 @@
+"""Method-level behaviour: branch routing per view, MoCo's key encoder, linear-probe freezing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cdg.config import load_config
+from cdg.eval.supervised import SupervisedHead
+from cdg.methods import build_method
+from cdg.nn import gated_layers
+
+SMALL = ["model.width=0.125", "gating.mode=dual", "gating.groups=2", "method.proj_hidden_dim=32",
+         "method.proj_output_dim=16", "method.queue_size=64", "data.dataset=synthetic", "trainer.channels_last=false"]
+
+
+@pytest.mark.parametrize("method", ["simclr", "mocov2", "simsiam"])
+def test_view1_runs_on_a1_and_view2_on_a2(method):
+    m = build_method(load_config(None, SMALL + [f"method.name={method}"]))
+    calls: list[tuple[str, int]] = []
+    encoders = [("query", m.backbone)] + ([("key", m.momentum_backbone)] if method == "mocov2" else [])
+    for tag, enc in encoders:
+        first = gated_layers(enc)[0][1]
+        first.register_forward_hook(lambda mod, args, out, tag=tag: calls.append((tag, args[1])))
+    v1, v2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    loss = m.ssl_loss(v1, v2)
+    assert torch.isfinite(loss)
+    assert [b for t, b in calls if t == "query"] == [0, 1]
+    if method == "mocov2":  # k1 = f_k(x1; a1), k2 = f_k(x2; a2)
+        assert [b for t, b in calls if t == "key"] == [0, 1]
+
+
+def test_moco_queue_and_momentum_update():
+    m = build_method(load_config(None, SMALL + ["method.name=mocov2"]), steps_per_epoch=10)
+    before = m.queue.tensor.clone()
+    m.ssl_loss(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    assert (m.queue.tensor != before).any(dim=1).sum() == 8  # k1 and k2 of 4 images enqueued
+    with torch.no_grad():
+        for p in m.backbone.parameters():
+            p.add_(1.0)
+    k_before = {n: p.clone() for n, p in m.momentum_backbone.named_parameters()}
+    m.on_train_batch_end(None, None, 0)
+    for n, p in m.momentum_backbone.named_parameters():
+        q = dict(m.backbone.named_parameters())[n]
+        torch.testing.assert_close(p, m.momentum * k_before[n] + (1 - m.momentum) * q)
+    assert any(n.endswith("tau") for n in k_before)  # the EMA covers the thresholds too
+
+
+def test_tau_has_its_own_group_without_weight_decay_or_lars():
+    m = build_method(load_config(None, SMALL))
+    groups = m.param_groups()
+    tau_group = [g for g in groups if g.get("name") == "tau"]
+    assert len(tau_group) == 1 and tau_group[0]["weight_decay"] == 0.0 and tau_group[0]["lars_exclude"]
+    assert len(tau_group[0]["params"]) == len(gated_layers(m.backbone))
+    n_params = sum(len(g["params"]) for g in groups)
+    assert n_params == len([p for p in m.parameters() if p.requires_grad])
+
+
+def test_linear_probe_freezes_backbone_and_gates():
+    cfg = load_config(None, SMALL)
+    m = build_method(cfg)
+    head = SupervisedHead(cfg, m.backbone, 10, finetune=False, steps_per_epoch=1)
+    state = {k: v.clone() for k, v in head.backbone.state_dict().items()}
+    head.on_train_epoch_start()
+    opt = head.configure_optimizers()["optimizer"]
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        loss = head.training_step((x, y), 0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert not head.backbone.training
+    assert all(not p.requires_grad for p in head.backbone.parameters())
+    for k, v in head.backbone.state_dict().items():  # weights, tau, BN running statistics unchanged
+        assert torch.equal(v, state[k]), k
