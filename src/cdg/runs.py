@@ -57,7 +57,15 @@ def load_run(run_dir: str | Path) -> tuple[Config, torch.nn.Module]:
 def base_protocol(cfg: Config, **extra: Any) -> dict[str, Any]:
     """The facts every reported number carries: dataset, model, width, gating, method, seed."""
     g = cfg.gating
-    gating = "dense" if g.mode == "dense" else f"{g.mode} G={g.groups} C_g={g.group_size} overlap={g.overlap}% s={g.target if g.target_sparsity is None else 'Phi^-1(' + str(g.target_sparsity) + ')'}"
+    if g.mode == "dense":
+        gating = "dense"
+    elif g.mode == "fbs":
+        gating = f"fbs keep={g.keep_ratio if g.keep_ratio is not None else 0.5}"
+    elif g.mode == "dgc":
+        gating = f"dgc heads={g.groups} keep={g.keep_ratio if g.keep_ratio is not None else 0.45}"
+    else:
+        s = g.target if g.target_sparsity is None else f"Phi^-1({g.target_sparsity})"
+        gating = f"{g.mode} G={g.groups} C_g={g.group_size} overlap={g.overlap}% s={s}"
     return {
         "dataset": cfg.data.dataset, "model": cfg.model.name, "width": cfg.model.width, "method": cfg.method.name,
         "gating": gating, "seed": cfg.trainer.seed, **extra,
