@@ -8,6 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CDG_DATA ?= $(firstword $(wildcard $(CURDIR)/../shared/data) $(CURDIR)/data)
 EPOCHS ?= 3
 RUN ?= runs/demo-cdg
+DEMO_ARGS ?=
 export CDG_DATA
 # glibc malloc costs 20-30% of a CPU training run here (SPEC section 7).
 export MALLOC_MMAP_MAX_ = 0
@@ -36,7 +37,7 @@ demo: venv
 	@if [ -f $(RUN)/checkpoints/last.ckpt ] && [ ! -f $(RUN)/backbone.pt ]; then \
 	  $(BIN)/cdg pretrain --resume --out $(RUN); \
 	elif [ ! -f $(RUN)/backbone.pt ]; then \
-	  $(BIN)/cdg pretrain --config configs/cpu/simclr_cdg.yaml --out $(RUN) trainer.max_epochs=$(EPOCHS); fi
+	  $(BIN)/cdg pretrain --config configs/cpu/simclr_cdg.yaml --out $(RUN) trainer.max_epochs=$(EPOCHS) $(DEMO_ARGS); fi
 	$(BIN)/cdg linear --fast --run $(RUN)
 	$(BIN)/cdg linear --fast --random-init --run $(RUN)
 	$(BIN)/cdg knn --run $(RUN)
