@@ -189,3 +189,19 @@ def test_clear_errors():
         base_path_blocks(4, 1, "dual", 30)
     with pytest.raises(ValueError, match="gate_groups=4 only"):
         base_path_blocks(8, 1, "dual", 50)
+
+
+@pytest.mark.parametrize("cg,channels_last", [(1, False), (1, True), (2, True)])
+def test_inference_gate_equals_training_gate(cg, channels_last):
+    torch.manual_seed(cg)
+    m = GatedConv2d(16, 16, 1, 4, group_size=cg).double().eval()
+    with torch.no_grad():
+        m.tau.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 16, 8, 8, dtype=torch.double)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fast = m.gate(m.base_path(x, 0))
+    with torch.enable_grad():
+        ref = m.gate(m.base_path(x, 0)).detach()
+    assert torch.equal(fast, ref)

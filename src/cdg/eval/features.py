@@ -46,7 +46,7 @@ def extract_features(
     if progress:
         from tqdm import tqdm
 
-        batches = tqdm(batches, total=total, desc="features", leave=False)
+        batches = tqdm(batches, total=total, desc="features", leave=False, disable=None)  # off when not a TTY
     for x, y in batches:
         x = norm(x)
         if channels_last:

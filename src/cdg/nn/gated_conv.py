@@ -340,6 +340,8 @@ class GatedConv2d(nn.Module):
 
     def gate(self, y_base: Tensor, branch: int = 0) -> Tensor:
         """Eq. 2 / 9-10: M = sigma_s(normal(S) - tau), one entry per (sample, C_g group, h, w)."""
+        if self.norm == "instance" and not torch.is_grad_enabled():
+            return self._gate_inference(y_base)
         s = self.salience(y_base)
         s = s.to(torch.promote_types(s.dtype, torch.float32))
         if self.norm == "instance":
@@ -347,6 +349,19 @@ class GatedConv2d(nn.Module):
         else:
             n = self.branch_norms[branch](s)
         return smoothed_step(n, self.tau.to(n.dtype).view(1, -1, 1, 1), self.alpha, self.surrogate)
+
+    def _gate_inference(self, y_base: Tensor) -> Tensor:
+        """The same mask without autograd: normal(S) > tau  <=>  S > mu + tau * std (per sample and
+        channel), on a contiguous N x H x W x C view for channels-last input (much faster on CPUs)."""
+        nhwc = _channels_last_view(y_base)
+        yb = y_base.permute(0, 2, 3, 1) if nhwc else y_base
+        cdim, sdims = (3, (1, 2)) if nhwc else (1, (2, 3))
+        cdt = torch.promote_types(y_base.dtype, torch.float32)
+        s = _group_mean(yb.to(cdt), self.group_size, cdim)
+        mu, rstd = _spatial_moments(s, sdims)
+        t = self.tau.to(cdt).view((1, 1, 1, -1) if nhwc else (1, -1, 1, 1))
+        mask = (s > mu + t / rstd).to(cdt)
+        return mask.permute(0, 3, 1, 2) if nhwc else mask
 
     def combine(self, x: Tensor, y_base: Tensor, mask: Tensor) -> Tensor:
         """Eq. 3: Y = Y_base + M * (conv(X, W) - Y_base), M repeated over each C_g group.
