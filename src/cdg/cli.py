@@ -24,12 +24,20 @@ def _set_threads() -> None:
         torch.set_num_threads(n)
 
 
-def _eval_sets(cfg, backbone, progress: bool = True):
+def _eval_sets(cfg, backbone, progress: bool = True, cache: Path | None = None):
+    """Features, labels and gate statistics of the train and test sets (branch a1, eval mode).
+
+    With ``cache`` (a file in the run directory) they are computed once per backbone: the file is
+    reused while it is newer than the backbone weights it was computed from.
+    """
     import torch
 
     from cdg.data import build_dataset
     from cdg.eval.features import extract_features
 
+    weights = cache.parent / "backbone.pt" if cache is not None else None
+    if cache is not None and cache.is_file() and weights.is_file() and cache.stat().st_mtime > weights.stat().st_mtime:
+        return torch.load(cache, weights_only=False)
     kw = {"label_type": cfg.data.label_type} if cfg.data.dataset == "cifar100" else {}
     train = build_dataset(cfg.data.dataset, cfg.data.root, "train", cfg.data.download, **kw)
     test = build_dataset(cfg.data.dataset, cfg.data.root, "test", cfg.data.download, **kw)
@@ -38,6 +46,8 @@ def _eval_sets(cfg, backbone, progress: bool = True):
     bf16 = cfg.trainer.precision == "bf16-mixed"
     tr = extract_features(backbone, train, cfg.data.dataset, cfg.data.eval_batch_size, bf16, cfg.trainer.channels_last, progress)
     te = extract_features(backbone, test, cfg.data.dataset, cfg.data.eval_batch_size, bf16, cfg.trainer.channels_last, progress)
+    if cache is not None and weights.is_file():
+        torch.save((tr, te), cache)
     return tr, te
 
 
@@ -103,7 +113,7 @@ def cmd_knn(a: argparse.Namespace) -> int:
     from cdg.runs import base_protocol, load_run, update_metrics
 
     cfg, backbone = load_run(a.run)
-    (trf, try_, _), (tef, tey, stats) = _eval_sets(cfg, backbone)
+    (trf, try_, _), (tef, tey, stats) = _eval_sets(cfg, backbone, cache=Path(a.run) / "features_a1.pt")
     acc = knn_accuracy(trf, try_, tef, tey, cfg.eval.knn_k, cfg.eval.knn_temperature)
     prot = base_protocol(cfg, protocol=f"kNN (k={cfg.eval.knn_k}, cosine, T={cfg.eval.knn_temperature})",
                          train_split="train (all)", eval_split="test", label_fraction=1.0,
@@ -132,7 +142,8 @@ def cmd_linear(a: argparse.Namespace) -> int:
         torch.manual_seed(cfg.trainer.seed)
         backbone, key = build_backbone(cfg), "linear_top1_random_init"
     t0 = time.time()
-    (trf, try_, _), (tef, tey, stats) = _eval_sets(cfg, backbone)
+    cache = None if a.random_init else Path(a.run) / "features_a1.pt"
+    (trf, try_, _), (tef, tey, stats) = _eval_sets(cfg, backbone, cache=cache)
     acc = linear_probe_fast(trf, try_, tef, tey, cfg.eval.fast_linear_l2, cfg.eval.fast_linear_max_iter)
     prot = base_protocol(cfg, protocol="linear probe (fast: logistic regression on standardised frozen features of un-augmented images, L-BFGS)",
                          train_split="train (all)", eval_split="test", label_fraction=1.0,

@@ -352,15 +352,18 @@ class GatedConv2d(nn.Module):
 
     def _gate_inference(self, y_base: Tensor) -> Tensor:
         """The same mask without autograd: normal(S) > tau  <=>  S > mu + tau * std (per sample and
-        channel), on a contiguous N x H x W x C view for channels-last input (much faster on CPUs)."""
+        channel). Moments accumulate in fp32 straight from the activations (no fp32 copy of the
+        tensor), on a contiguous N x H x W x C view for channels-last input (much faster on CPUs)."""
         nhwc = _channels_last_view(y_base)
-        yb = y_base.permute(0, 2, 3, 1) if nhwc else y_base
+        s = y_base.permute(0, 2, 3, 1) if nhwc else y_base
         cdim, sdims = (3, (1, 2)) if nhwc else (1, (2, 3))
-        cdt = torch.promote_types(y_base.dtype, torch.float32)
-        s = _group_mean(yb.to(cdt), self.group_size, cdim)
-        mu, rstd = _spatial_moments(s, sdims)
-        t = self.tau.to(cdt).view((1, 1, 1, -1) if nhwc else (1, -1, 1, 1))
-        mask = (s > mu + t / rstd).to(cdt)
+        s = _group_mean(s, self.group_size, cdim)
+        acc = torch.promote_types(s.dtype, torch.float32)
+        count = s.shape[sdims[0]] * s.shape[sdims[1]]
+        mu = s.sum(sdims, keepdim=True, dtype=acc) / count
+        var = ((s * s).sum(sdims, keepdim=True, dtype=acc) / count - mu * mu).clamp_min(0.0)
+        t = self.tau.to(acc).view((1, 1, 1, -1) if nhwc else (1, -1, 1, 1))
+        mask = (s > (mu + t * torch.sqrt(var + 1e-5)).to(s.dtype)).to(s.dtype)
         return mask.permute(0, 3, 1, 2) if nhwc else mask
 
     def combine(self, x: Tensor, y_base: Tensor, mask: Tensor) -> Tensor:
@@ -371,8 +374,7 @@ class GatedConv2d(nn.Module):
         y_full = F.conv2d(x, self.weight, None, self.stride, 1)
         if self.group_size > 1:
             mask = mask.repeat_interleave(self.group_size, dim=1)
-        mask = mask.to(y_full.dtype)
-        return y_base + mask * (y_full - y_base)
+        return torch.addcmul(y_base, mask.to(y_full.dtype), y_full - y_base)
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor, branch: int = 0) -> Tensor:
