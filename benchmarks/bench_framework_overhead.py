@@ -1,7 +1,7 @@
 """Pre-training throughput of our Lightning loop against a plain PyTorch loop (same model, batch, data).
 
 Both run SimCLR on the same in-memory CIFAR-10 uint8 images with the same batched augmentation,
-bf16 autocast, channels_last and LARS. Alternating rounds of a fixed number of steps. Prints
+the config's precision (``auto``: bf16 autocast only on hardware with native bf16), channels_last and LARS. Alternating rounds of a fixed number of steps. Prints
 images/s for both and the overhead of the framework (target: under 10%).
 
 Usage: python benchmarks/bench_framework_overhead.py [--steps 20] [--rounds 2] [overrides ...]
@@ -31,7 +31,7 @@ def plain_loop(cfg, loader, steps: int) -> float:
         images, _ = next(it)
         v1, v2 = model.augment.two_views(images)
         v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.trainer.bf16):
             loss = model.ssl_loss(v1, v2)
         loss.backward()
         opt.step()
@@ -64,7 +64,7 @@ def main() -> None:
         plain.append(plain_loop(cfg, loader, a.steps))
         print(f"round {r}: lightning {light[-1]:.1f} img/s, plain PyTorch {plain[-1]:.1f} img/s", flush=True)
     bl, bp = max(light), max(plain)
-    print(f"{cfg.model.name} x{cfg.model.width}, gating {cfg.gating.mode}, batch {cfg.data.batch_size}, {cfg.trainer.precision}: "
+    print(f"{cfg.model.name} x{cfg.model.width}, gating {cfg.gating.mode}, batch {cfg.data.batch_size}, {cfg.trainer.resolved_precision()}: "
           f"best lightning {bl:.1f} img/s, best plain {bp:.1f} img/s, framework overhead {100 * (bp / bl - 1):+.1f}%")
 
 

@@ -1,7 +1,7 @@
 """SimCLR training-step time with gated convolutions divided by the same with dense convolutions.
 
 Two views (view 1 on a1, view 2 on a2), forward + backward + SGD step, ResNet-18, CIFAR input,
-bf16 autocast + channels_last, interleaved in one process (the host is shared and noisy: only
+channels_last, bf16 autocast where the CPU has native bf16 (else fp32), interleaved in one process (the host is shared and noisy: only
 ratios measured side by side mean anything). Three forms:
 
 * dense:  plain 3x3 convolutions;
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdg.config import native_bf16
 from cdg.models import create_model
 from cdg.nn import GatedConv2d, make_conv_layer
 
@@ -40,9 +41,9 @@ class NaiveGatedConv2d(GatedConv2d):
         return y_full * m + y_base * (1 - m)
 
 
-def step_time(net: nn.Module, x1: torch.Tensor, x2: torch.Tensor, opt: torch.optim.Optimizer) -> float:
+def step_time(net: nn.Module, x1: torch.Tensor, x2: torch.Tensor, opt: torch.optim.Optimizer, bf16: bool) -> float:
     t = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         z1, z2 = net(x1, branch=0).float(), net(x2, branch=1).float()
         loss = -(F.normalize(z1) * F.normalize(z2)).sum(1).mean()
     loss.backward()
@@ -59,7 +60,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile each whole network (gate in its composable form, fused=False)")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="auto: bf16 autocast only where the CPU has native bf16 (AVX512-BF16/AMX)")
     a = ap.parse_args()
+    bf16 = a.precision == "bf16" or (a.precision == "auto" and native_bf16())
     torch.set_num_threads(a.threads)
     for w in a.widths:
         def compiled(i, o, s=1):
@@ -84,15 +88,15 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in nets}
         for k in nets:  # warm-up (and compilation)
             for _ in range(2):
-                step_time(nets[k], x1, x2, opts[k])
+                step_time(nets[k], x1, x2, opts[k], bf16)
         for _ in range(a.rounds):  # interleaved
             for k in nets:
-                times[k].append(step_time(nets[k], x1, x2, opts[k]))
+                times[k].append(step_time(nets[k], x1, x2, opts[k], bf16))
         med = {k: statistics.median(v) for k, v in times.items()}
         if a.compile:
             print(f"  whole-model compile: cdg compiled / dense compiled = {med['cdg_compiled'] / med['dense']:.2f}x "
                   f"(dense column is compiled too)")
-        print(f"ResNet-18 x{w}, batch {a.batch}, two views, fwd+bwd+step, bf16+channels_last, {a.threads} threads: "
+        print(f"ResNet-18 x{w}, batch {a.batch}, two views, fwd+bwd+step, {'bf16' if bf16 else 'fp32'}+channels_last, {a.threads} threads: "
               f"dense {med['dense']:.3f}s  cdg {med['cdg']:.3f}s ({med['cdg'] / med['dense']:.2f}x dense)  "
               f"cdg {'whole-model compiled' if a.compile else 'compiled gate'} {med['cdg_compiled']:.3f}s ({med['cdg_compiled'] / med['dense']:.2f}x dense)  "
               f"naive CGNet form {med['naive']:.3f}s ({med['naive'] / med['dense']:.2f}x dense)", flush=True)

@@ -103,6 +103,20 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_precision_auto_uses_bf16_only_with_native_support(monkeypatch):
+    import cdg.config as config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(None, [])
+    assert cfg.trainer.precision == "auto"
+    for native, expected in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(config, "native_bf16", lambda native=native: native)
+        assert cfg.trainer.resolved_precision() == expected and cfg.trainer.bf16 == (expected == "bf16-mixed")
+    explicit = load_config(None, ["trainer.precision=bf16-mixed"]).trainer
+    assert explicit.resolved_precision() == "bf16-mixed" and explicit.bf16  # an explicit choice is kept
+    assert load_config(None, ["trainer.precision=32-true"]).trainer.bf16 is False
+
+
 def test_config_roundtrip(tmp_path):
     cfg = load_config(ROOT / "configs/cpu/simclr_cdg.yaml")
     cfg.save(tmp_path / "c.yaml")

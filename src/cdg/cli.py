@@ -43,7 +43,7 @@ def _eval_sets(cfg, backbone, progress: bool = True, cache: Path | None = None):
     test = build_dataset(cfg.data.dataset, cfg.data.root, "test", cfg.data.download, **kw)
     if cfg.trainer.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    bf16 = cfg.trainer.precision == "bf16-mixed"
+    bf16 = cfg.trainer.bf16
     tr = extract_features(backbone, train, cfg.data.dataset, cfg.data.eval_batch_size, bf16, cfg.trainer.channels_last, progress)
     te = extract_features(backbone, test, cfg.data.dataset, cfg.data.eval_batch_size, bf16, cfg.trainer.channels_last, progress)
     if cache is not None and weights.is_file():

@@ -46,7 +46,7 @@ def knn_monitor(method: Any, cfg: Any, data: tuple[Tensor, Tensor], test: Any = 
     bb = method.backbone
     ds = TensorImageDataset(images, labels, [str(i) for i in range(int(labels.max()) + 1)])
     f, y, _ = extract_features(bb, ds, cfg.data.dataset, cfg.data.eval_batch_size,
-                               bf16=cfg.trainer.precision == "bf16-mixed", channels_last=cfg.trainer.channels_last)
+                               bf16=cfg.trainer.bf16, channels_last=cfg.trainer.channels_last)
     out = {"knn_top1": knn_accuracy(f[:half], y[:half], f[half:], y[half:], min(cfg.eval.knn_k, half), cfg.eval.knn_temperature)}
     if gated_layers(bb):
         x = images[half:half + 256].to(next(bb.parameters()).device)

@@ -93,7 +93,7 @@ def evaluate_classifier(model: SupervisedHead, ds: Any, batch_size: int = 512) -
         x = normalize_batch(ds.images[i:i + batch_size].to(dev), model.mean, model.std)
         if model.cfg.trainer.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=model.cfg.trainer.precision == "bf16-mixed"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=model.cfg.trainer.bf16):
             logits = model.classifier(model.backbone(x, 0).float())
         correct += int((logits.argmax(1).cpu() == ds.targets[i:i + batch_size]).sum())
     return correct / len(ds)
