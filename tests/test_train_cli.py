@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -27,6 +28,8 @@ def test_pretrain_real_cifar_few_steps(cifar10_root, tmp_path, method, mode):
     assert values["pretrain_epochs"] == 1
     if mode != "dense":
         assert 0.0 <= values["train_eta_a1_last_epoch"] <= 1.0
+    logged = [r for r in csv.DictReader((out / "logs" / "metrics.csv").open()) if r.get("monitor/knn_top1")]
+    assert logged and 0.0 <= float(logged[-1]["monitor/knn_top1"]) <= 1.0  # the monitor ran and logged
 
 
 def test_cli_pretrain_eval_report_resume(cifar10_root, tmp_path, capsys, monkeypatch):

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cdg.config import Config, native_bf16
 from cdg.data import TensorImageDataset, TransformedDataset, TwoViewTransform, augment_preset, build_dataset, stratified_subset, save_split
+from cdg.eval.knn import knn_monitor
 from cdg.methods import SSLMethod, build_method
 from cdg.nn import gate_statistics, gated_layers, mask_similarity, reset_gate_stats
 from cdg.runs import base_protocol, update_metrics
@@ -102,14 +103,14 @@ class GateMonitor(Callback):
                 pl_module.log(f"train/{k}", stats[k], on_epoch=True)
         every = self.cfg.trainer.monitor_every_n_epochs
         if every > 0 and self.monitor_data is not None and (trainer.current_epoch + 1) % every == 0:
-            from cdg.eval.knn import knn_monitor
-
             was = pl_module.training
             pl_module.eval()
             try:
                 metrics = knn_monitor(pl_module, self.cfg, self.monitor_data, self.test_data)
                 for k, v in metrics.items():
                     pl_module.log(f"monitor/{k}", v, on_epoch=True)
+            except Exception:  # a broken monitor must not cost the epoch: it runs before the checkpoint
+                log.exception("monitor failed at epoch %d; training continues without it", trainer.current_epoch + 1)
             finally:
                 pl_module.train(was)
             reset_gate_stats(pl_module.backbone)
