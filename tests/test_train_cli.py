@@ -41,8 +41,12 @@ def test_cli_pretrain_eval_report_resume(cifar10_root, tmp_path, capsys, monkeyp
     assert "already holds a run" in capsys.readouterr().err
     # resume for one more epoch: continues from the checkpoint (global step keeps counting)
     steps_before = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    wall_before = json.loads((out / "metrics.json").read_text())["pretrain_wall_s"]
     assert main(["pretrain", "--resume", "--out", str(out), "trainer.max_epochs=2"]) == 0
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2 * steps_before
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["pretrain_wall_s"] > wall_before  # wall time accumulates across the resume
+    assert resumed["pretrain_images_per_s"] > 0
     assert main(["knn", "--run", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= m["knn_top1"] <= 1.0 and 0.0 <= m["eta"] <= 1.0

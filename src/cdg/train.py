@@ -116,6 +116,30 @@ class GateMonitor(Callback):
             reset_gate_stats(pl_module.backbone)
 
 
+class WallClock(Callback):
+    """Pre-training wall time across resumes (kept in every checkpoint; work lost after the last
+    checkpoint is not counted) and this process's own throughput."""
+
+    def __init__(self) -> None:
+        self.before, self.start, self.start_step = 0.0, time.time(), 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start, self.start_step = time.time(), trainer.global_step
+
+    def elapsed(self) -> float:
+        return self.before + time.time() - self.start
+
+    def images_per_s(self, trainer, batch_size: int) -> float | None:
+        wall = time.time() - self.start
+        return (trainer.global_step - self.start_step) * batch_size * trainer.world_size / wall if wall > 0 else None
+
+    def state_dict(self) -> dict[str, float]:
+        return {"elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.before = float(state_dict.get("elapsed_s", 0.0))
+
+
 def build_trainer(cfg: Config, out: Path, callbacks: list[Callback], max_epochs: int | None = None, **kw: Any) -> L.Trainer:
     t = cfg.trainer
     return L.Trainer(
@@ -162,19 +186,17 @@ def pretrain(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, An
         ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, save_on_train_epoch_end=True),
         NaNGuard(cfg.trainer.nan_check_every_n_steps),
         gate_monitor,
+        clock := WallClock(),
     ]
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     trainer = build_trainer(cfg, out, callbacks)
-    t0 = time.time()
     trainer.fit(model, loader, ckpt_path=str(ckpt) if resume else None)
-    wall = time.time() - t0
     if trainer.global_rank == 0:
         torch.save(model.backbone.state_dict(), out / "backbone.pt")
         stats = gate_monitor.last_train_stats
-        images = trainer.global_step * cfg.data.batch_size * trainer.world_size
-        values: dict[str, Any] = {"pretrain_wall_s": wall, "pretrain_epochs": trainer.current_epoch,
-                                  "pretrain_images_per_s": images / wall if wall > 0 else None,
+        values: dict[str, Any] = {"pretrain_wall_s": clock.elapsed(), "pretrain_epochs": trainer.current_epoch,
+                                  "pretrain_images_per_s": clock.images_per_s(trainer, cfg.data.batch_size),
                                   "pretrain_images": len(ds)}
         if stats:
             values["train_eta_a1_last_epoch"] = stats.get("eta_a1")
