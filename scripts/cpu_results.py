@@ -77,6 +77,9 @@ def run(rows: list[str]) -> None:
                     shutil.rmtree(out)  # a run that never reached its first checkpoint
                 cdg("pretrain", "--config", BASE, "--out", str(out), *RECIPE, *ROWS[row][2])
             m = metrics(row)
+        if m.get("eval_error"):
+            print(f"{row}: {m['eval_error']}", flush=True)
+            continue
         if "linear_top1" not in m:
             cdg("linear", "--fast", "--run", str(out))
         if row == "simclr_dense" and "linear_top1_random_init" not in metrics(row):
@@ -131,6 +134,10 @@ def report() -> None:
     ]
     for row, (shape, desc, over) in ROWS.items():
         m = metrics(row)
+        if m.get("eval_error"):
+            lines.append(f"| {desc} | {shape} | no result: non-finite eval features (see findings) | | | | | | "
+                         f"{m.get('pretrain_wall_s', 0) / 60:.1f} min |")
+            continue
         if not m.get("linear_top1"):
             lines.append(f"| {desc} | {shape} | not run yet | | | | | | |")
             continue

@@ -335,9 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ValueError as e:
         from cdg.data import DataError
+        from cdg.eval.features import NonFiniteFeaturesError
 
         if isinstance(e, DataError):
             print(f"cdg {a.cmd}: data error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, NonFiniteFeaturesError):
+            print(f"cdg {a.cmd}: error: {e}", file=sys.stderr)
             return 2
         raise
 

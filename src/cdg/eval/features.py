@@ -21,6 +21,10 @@ def autocast_for(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
+class NonFiniteFeaturesError(ValueError):
+    """The backbone produced inf/NaN features: any accuracy measured on them would be meaningless."""
+
+
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module, ds: Any, dataset: str, batch_size: int = 512, bf16: bool = True,
@@ -56,4 +60,9 @@ def extract_features(
         feats.append(f.float().cpu())
         labels.append(torch.as_tensor(y))
     stats = gate_statistics(backbone, "eval")
-    return torch.cat(feats), torch.cat(labels), stats
+    feats_t = torch.cat(feats)
+    bad = int((~torch.isfinite(feats_t).all(1)).sum())
+    if bad:  # a probe on such features scores chance; say so instead of reporting it
+        raise NonFiniteFeaturesError(f"the backbone gives non-finite (inf/NaN) features for {bad} of {len(feats_t)} "
+                         f"{dataset} images in eval mode; no accuracy is reported for them")
+    return feats_t, torch.cat(labels), stats
