@@ -37,7 +37,9 @@ def _eval_sets(cfg, backbone, progress: bool = True, cache: Path | None = None):
 
     weights = cache.parent / "backbone.pt" if cache is not None else None
     if cache is not None and cache.is_file() and weights.is_file() and cache.stat().st_mtime > weights.stat().st_mtime:
-        return torch.load(cache, weights_only=False)
+        cached = torch.load(cache, weights_only=False)
+        if all(bool(torch.isfinite(part[0]).all()) for part in cached):
+            return cached  # a cache with inf/NaN features (older versions wrote them) is recomputed, and refused
     kw = {"label_type": cfg.data.label_type} if cfg.data.dataset == "cifar100" else {}
     train = build_dataset(cfg.data.dataset, cfg.data.root, "train", cfg.data.download, **kw)
     test = build_dataset(cfg.data.dataset, cfg.data.root, "test", cfg.data.download, **kw)
