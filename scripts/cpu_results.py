@@ -25,7 +25,7 @@ RESULTS = ROOT / "results" / "cpu"
 DOCS = ROOT / "docs"
 BASE = "configs/cpu/simclr_dense.yaml"
 # The session that measured these rows ran on an AVX2-only CPU (no native bf16: bf16 autocast was
-# 10x *slower* than fp32 there) about 3x slower than SPEC section 7's host, so the fixed recipe is
+# 11x *slower* than fp32 there, benchmarks/bench_precision.py), slower than SPEC section 7's host, so the fixed recipe is
 # SPEC's proxy cut to 4 epochs, in fp32, with the kNN / S_c monitor every 2 epochs.
 RECIPE = ["trainer.max_epochs=4", "trainer.precision=32-true", "trainer.monitor_every_n_epochs=2",
           "trainer.progress_bar=false"]

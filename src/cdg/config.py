@@ -93,7 +93,8 @@ class OptimConfig:
 class TrainerConfig:
     max_epochs: int = 1000
     # "auto": bf16 autocast where the hardware has native bf16 (CUDA with bf16, CPUs with AVX512-BF16
-    # or AMX), else fp32 on the CPU. On an AVX2-only CPU bf16 autocast measured 10x *slower* than fp32.
+    # or AMX), else fp32 on the CPU. On an AVX2-only CPU bf16 autocast measured 11x *slower*
+    # than fp32 (benchmarks/bench_precision.py).
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     accelerator: str = "auto"
     devices: Any = "auto"

@@ -164,7 +164,7 @@ def pretrain(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, An
     L.seed_everything(cfg.trainer.seed, workers=True)
     if cfg.trainer.resolved_precision() == "bf16-mixed" and not torch.cuda.is_available() and not native_bf16():
         log.warning("trainer.precision=bf16-mixed on a CPU without native bf16 (no AVX512-BF16/AMX): bf16 "
-                    "autocast is emulated here and was measured 10x slower than fp32; use trainer.precision=auto")
+                    "autocast is emulated (benchmarks/bench_precision.py measured it 11x slower than fp32 on such a CPU); use trainer.precision=auto")
     ds = train_dataset(cfg, out)
     loader = train_loader(cfg, ds)
     steps = len(loader)
