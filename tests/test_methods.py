@@ -79,27 +79,23 @@ def test_feature_extraction_refuses_non_finite_features():
     from cdg.data import TensorImageDataset
     from cdg.eval.features import NonFiniteFeaturesError, extract_features
 
-    class Exploding(torch.nn.Module):  # gives inf for the first image, as an unstable FBS backbone did
-        def __init__(self) -> None:
-            super().__init__()
-            self.scale = torch.nn.Parameter(torch.ones(()))
-
-        def forward(self, x: torch.Tensor, branch: int = 0) -> torch.Tensor:
-            f = x.mean((2, 3)) * self.scale
-            f[0] = float("inf")
-            return f
-
     ds = TensorImageDataset(torch.zeros(6, 3, 8, 8, dtype=torch.uint8), torch.arange(6) % 2, ["a", "b"])
     with pytest.raises(NonFiniteFeaturesError, match=r"non-finite \(inf/NaN\) features for 1 of 6 cifar10 images"):
-        extract_features(Exploding(), ds, "cifar10", batch_size=6, bf16=False, channels_last=False)
-    feats, labels, _ = extract_features(_Finite(), ds, "cifar10", batch_size=4, bf16=False, channels_last=False)
+        extract_features(_Features(explode=True), ds, "cifar10", batch_size=6, bf16=False, channels_last=False)
+    feats, labels, _ = extract_features(_Features(), ds, "cifar10", batch_size=4, bf16=False, channels_last=False)
     assert feats.shape == (6, 3) and torch.isfinite(feats).all() and labels.tolist() == [0, 1, 0, 1, 0, 1]
 
 
-class _Finite(torch.nn.Module):
-    def __init__(self) -> None:
+class _Features(torch.nn.Module):
+    """Mean colour per image as features; ``explode`` makes the first image's inf, as an unstable FBS backbone did."""
+
+    def __init__(self, explode: bool = False) -> None:
         super().__init__()
+        self.explode = explode
         self.scale = torch.nn.Parameter(torch.ones(()))
 
     def forward(self, x: torch.Tensor, branch: int = 0) -> torch.Tensor:
-        return x.mean((2, 3)) * self.scale
+        f = x.mean((2, 3)) * self.scale
+        if self.explode:
+            f[0] = float("inf")
+        return f

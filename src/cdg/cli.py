@@ -33,13 +33,14 @@ def _eval_sets(cfg, backbone, progress: bool = True, cache: Path | None = None):
     import torch
 
     from cdg.data import build_dataset
-    from cdg.eval.features import extract_features
+    from cdg.eval.features import check_finite, extract_features
 
     weights = cache.parent / "backbone.pt" if cache is not None else None
     if cache is not None and cache.is_file() and weights.is_file() and cache.stat().st_mtime > weights.stat().st_mtime:
-        cached = torch.load(cache, weights_only=False)
-        if all(bool(torch.isfinite(part[0]).all()) for part in cached):
-            return cached  # a cache with inf/NaN features (older versions wrote them) is recomputed, and refused
+        tr, te = torch.load(cache, weights_only=False)
+        for feats, _, _ in (tr, te):  # caches written before extract_features checked this
+            check_finite(feats, cfg.data.dataset)
+        return tr, te
     kw = {"label_type": cfg.data.label_type} if cfg.data.dataset == "cifar100" else {}
     train = build_dataset(cfg.data.dataset, cfg.data.root, "train", cfg.data.download, **kw)
     test = build_dataset(cfg.data.dataset, cfg.data.root, "test", cfg.data.download, **kw)
@@ -339,11 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         from cdg.data import DataError
         from cdg.eval.features import NonFiniteFeaturesError
 
-        if isinstance(e, DataError):
-            print(f"cdg {a.cmd}: data error: {e}", file=sys.stderr)
-            return 2
-        if isinstance(e, NonFiniteFeaturesError):
-            print(f"cdg {a.cmd}: error: {e}", file=sys.stderr)
+        if isinstance(e, (DataError, NonFiniteFeaturesError)):
+            print(f"cdg {a.cmd}: {'data error' if isinstance(e, DataError) else 'error'}: {e}", file=sys.stderr)
             return 2
         raise
 

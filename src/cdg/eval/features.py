@@ -25,6 +25,15 @@ class NonFiniteFeaturesError(ValueError):
     """The backbone produced inf/NaN features: any accuracy measured on them would be meaningless."""
 
 
+def check_finite(feats: Tensor, dataset: str) -> Tensor:
+    """``feats`` unchanged, or :class:`NonFiniteFeaturesError`: a probe on inf/NaN features scores chance."""
+    bad = int((~torch.isfinite(feats).all(1)).sum())
+    if bad:
+        raise NonFiniteFeaturesError(f"the backbone gives non-finite (inf/NaN) features for {bad} of {len(feats)} "
+                                     f"{dataset} images in eval mode; no accuracy is reported for them")
+    return feats
+
+
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module, ds: Any, dataset: str, batch_size: int = 512, bf16: bool = True,
@@ -60,9 +69,4 @@ def extract_features(
         feats.append(f.float().cpu())
         labels.append(torch.as_tensor(y))
     stats = gate_statistics(backbone, "eval")
-    feats_t = torch.cat(feats)
-    bad = int((~torch.isfinite(feats_t).all(1)).sum())
-    if bad:  # a probe on such features scores chance; say so instead of reporting it
-        raise NonFiniteFeaturesError(f"the backbone gives non-finite (inf/NaN) features for {bad} of {len(feats_t)} "
-                         f"{dataset} images in eval mode; no accuracy is reported for them")
-    return feats_t, torch.cat(labels), stats
+    return check_finite(torch.cat(feats), dataset), torch.cat(labels), stats
