@@ -261,3 +261,21 @@ def test_bad_arguments_are_rejected():
         FBSConv2d(8, 8, keep_ratio=0.0)
     with pytest.raises(ValueError, match="branch"):
         FBSConv2d(4, 4)(torch.zeros(1, 4, 3, 3), 2)
+
+
+@pytest.mark.parametrize("make", [lambda sf: FBSConv2d(16, 16, scale_free=sf),
+                                  lambda sf: DGCConv2d(16, 16, heads=4, squeeze=4, scale_free=sf)])
+def test_scale_free_saliency_keeps_the_eval_output_linear_in_the_input_scale(make):
+    """SPEC 5's predictors grow with the input's scale, so the layer is quadratic in it (the eval-mode
+    blow-up of docs/results.md); on the RMS-normalised pooled input the saliences ignore the scale."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 16, 6, 6)
+    ratios = {}
+    for scale_free in (False, True):
+        torch.manual_seed(1)
+        m = make(scale_free).eval()
+        with torch.no_grad():
+            assert torch.allclose(m.saliency(100 * x), m.saliency(x)) == scale_free
+            ratios[scale_free] = float(m(100 * x).norm() / m(x).norm())
+    assert ratios[True] == pytest.approx(100, rel=1e-3)  # BN in eval mode with fresh statistics is linear
+    assert ratios[False] > 1000  # about 100^2 once the bias 1 of the predictor no longer matters

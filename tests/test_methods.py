@@ -84,6 +84,20 @@ def test_feature_extraction_refuses_non_finite_features():
         extract_features(_Features(explode=True), ds, "cifar10", batch_size=6, bf16=False, channels_last=False)
     feats, labels, _ = extract_features(_Features(), ds, "cifar10", batch_size=4, bf16=False, channels_last=False)
     assert feats.shape == (6, 3) and torch.isfinite(feats).all() and labels.tolist() == [0, 1, 0, 1, 0, 1]
+    feats, _, _ = extract_features(_Features(explode=True), ds, "cifar10", batch_size=6, bf16=False,
+                                   channels_last=False, finite=False)  # `cdg knn --count-nonfinite`
+    assert torch.isinf(feats[0]).all() and torch.isfinite(feats[1:]).all()
+
+
+def test_knn_leaves_out_and_scores_wrong_non_finite_features():
+    from cdg.eval.knn import knn_accuracy
+
+    inf = float("inf")
+    train_f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [inf, 0.0]])
+    train_y = torch.tensor([0, 1, 1])  # the inf image would be every query's neighbour if it counted
+    test_f = torch.tensor([[2.0, 0.1], [0.1, 3.0], [1.0, 0.0], [float("nan"), 0.0]])
+    test_y = torch.tensor([0, 1, 1, 0])  # right, right, wrong, non-finite (wrong)
+    assert knn_accuracy(train_f, train_y, test_f, test_y, k=1) == 0.5
 
 
 class _Features(torch.nn.Module):

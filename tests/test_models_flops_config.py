@@ -93,6 +93,13 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(None, ["gating.mode=quad"])
     with pytest.raises(ConfigError, match="'data.batch_size' must be an integer"):
         load_config(None, ["data.batch_size=big"])
+    # YAML 1.1 reads 1e-4 (no dot) as a string; a float field still takes it, in overrides and files
+    assert load_config(None, ["optim.weight_decay=1e-4"]).optim.weight_decay == 1e-4
+    sci = tmp_path / "sci.yaml"
+    sci.write_text("optim: {lr: 3e-1, weight_decay: 5E-5}\n")
+    assert (load_config(sci).optim.lr, load_config(sci).optim.weight_decay) == (0.3, 5e-5)
+    with pytest.raises(ConfigError, match="'optim.lr' must be a number, got '1e-4x'"):
+        load_config(None, ["optim.lr=1e-4x"])
     with pytest.raises(ConfigError, match="gating.groups"):
         load_config(None, ["gating.mode=dual", "gating.groups=3"])
     bad = tmp_path / "bad.yaml"

@@ -35,8 +35,10 @@ def test_pretrain_real_cifar_few_steps(cifar10_root, tmp_path, method, mode):
 def test_cli_pretrain_eval_report_resume(cifar10_root, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CDG_DATA", str(cifar10_root))
     out = tmp_path / "run"
-    over = TINY + ["gating.mode=dual", "gating.groups=2", "trainer.max_epochs=1"]
+    over = TINY + ["gating.mode=dual", "gating.groups=2", "trainer.max_epochs=1", "trainer.checkpoint_every_n_steps=1"]
     assert main(["pretrain", "--config", "configs/cpu/simclr_cdg.yaml", "--out", str(out), *over]) == 0
+    # the step and the epoch-end checkpoints are one file, so --resume always finds the newest
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["last.ckpt"]
     assert main(["pretrain", "--config", "configs/cpu/simclr_cdg.yaml", "--out", str(out), *over]) == 2  # exists
     assert "already holds a run" in capsys.readouterr().err
     # resume for one more epoch: continues from the checkpoint (global step keeps counting)
@@ -86,6 +88,13 @@ def test_cli_errors_name_the_culprit(tmp_path, capsys):
     assert "data error" in err and "nowhere" in err
     assert main(["knn", "--run", str(tmp_path / "missing")]) == 2
     assert "not a cdg run directory" in capsys.readouterr().err
+    # overrides may come before and after options: the one after --out is still read (and named)
+    assert main(["pretrain", "--config", "configs/cpu/simclr_cdg.yaml", "model.width=0.5", "--out",
+                 str(tmp_path / "z"), "model.widht=1"]) == 2
+    assert "unknown config key 'model.widht'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["knn", "--run", str(tmp_path), "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_cli_flops(capsys):

@@ -16,10 +16,12 @@ def conv_layer_for(cfg: Config):
         return make_conv_layer("dense")
     if g.mode == "fbs":
         return make_conv_layer("fbs", keep_ratio=g.keep_ratio if g.keep_ratio is not None else 0.5,
-                               l1=g.predictor_loss if g.predictor_loss is not None else 1e-8)
+                               l1=g.predictor_loss if g.predictor_loss is not None else 1e-8,
+                               scale_free=g.scale_free_saliency)
     if g.mode == "dgc":
         return make_conv_layer("dgc", heads=g.groups, keep_ratio=g.keep_ratio if g.keep_ratio is not None else 0.45,
-                               squeeze=g.squeeze, loss_coef=g.predictor_loss if g.predictor_loss is not None else 1e-5)
+                               squeeze=g.squeeze, loss_coef=g.predictor_loss if g.predictor_loss is not None else 1e-5,
+                               scale_free=g.scale_free_saliency)
     return make_conv_layer(
         g.mode, gate_groups=g.groups, overlap=g.overlap if g.mode == "dual" else 0,
         group_size=g.group_size, norm=g.norm, surrogate=g.surrogate, alpha=g.alpha, tau_init=g.tau_init,

@@ -24,11 +24,12 @@ def _set_threads() -> None:
         torch.set_num_threads(n)
 
 
-def _eval_sets(cfg, backbone, progress: bool = True, cache: Path | None = None):
+def _eval_sets(cfg, backbone, progress: bool = True, cache: Path | None = None, finite: bool = True):
     """Features, labels and gate statistics of the train and test sets (branch a1, eval mode).
 
     With ``cache`` (a file in the run directory) they are computed once per backbone: the file is
-    reused while it is newer than the backbone weights it was computed from.
+    reused while it is newer than the backbone weights it was computed from. With ``finite``,
+    inf/NaN features raise (see :func:`cdg.eval.features.check_finite`).
     """
     import torch
 
@@ -38,17 +39,18 @@ def _eval_sets(cfg, backbone, progress: bool = True, cache: Path | None = None):
     weights = cache.parent / "backbone.pt" if cache is not None else None
     if cache is not None and cache.is_file() and weights.is_file() and cache.stat().st_mtime > weights.stat().st_mtime:
         tr, te = torch.load(cache, weights_only=False)
-        for feats, _, _ in (tr, te):  # caches written before extract_features checked this
+        for feats, _, _ in (tr, te) if finite else ():
             check_finite(feats, cfg.data.dataset)
         return tr, te
     kw = {"label_type": cfg.data.label_type} if cfg.data.dataset == "cifar100" else {}
     train = build_dataset(cfg.data.dataset, cfg.data.root, "train", cfg.data.download, **kw)
     test = build_dataset(cfg.data.dataset, cfg.data.root, "test", cfg.data.download, **kw)
+    backbone = backbone.to(cfg.trainer.device())
     if cfg.trainer.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     bf16 = cfg.trainer.bf16
-    tr = extract_features(backbone, train, cfg.data.dataset, cfg.data.eval_batch_size, bf16, cfg.trainer.channels_last, progress)
-    te = extract_features(backbone, test, cfg.data.dataset, cfg.data.eval_batch_size, bf16, cfg.trainer.channels_last, progress)
+    tr, te = (extract_features(backbone, ds, cfg.data.dataset, cfg.data.eval_batch_size, bf16, cfg.trainer.channels_last,
+                               progress, finite) for ds in (train, test))
     if cache is not None and weights.is_file():
         torch.save((tr, te), cache)
     return tr, te
@@ -112,16 +114,24 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
 
 def cmd_knn(a: argparse.Namespace) -> int:
+    import torch
+
     from cdg.eval.knn import knn_accuracy
     from cdg.runs import base_protocol, load_run, update_metrics
 
     cfg, backbone = load_run(a.run)
-    (trf, try_, _), (tef, tey, stats) = _eval_sets(cfg, backbone, cache=Path(a.run) / "features_a1.pt")
+    (trf, try_, _), (tef, tey, stats) = _eval_sets(cfg, backbone, cache=Path(a.run) / "features_a1.pt",
+                                                   finite=not a.count_nonfinite)
     acc = knn_accuracy(trf, try_, tef, tey, cfg.eval.knn_k, cfg.eval.knn_temperature)
-    prot = base_protocol(cfg, protocol=f"kNN (k={cfg.eval.knn_k}, cosine, T={cfg.eval.knn_temperature})",
-                         train_split="train (all)", eval_split="test", label_fraction=1.0,
+    name = f"kNN (k={cfg.eval.knn_k}, cosine, T={cfg.eval.knn_temperature})"
+    values = {"knn_top1": acc}
+    if a.count_nonfinite:
+        bad = [int((~torch.isfinite(f).all(1)).sum()) for f in (trf, tef)]
+        values.update(knn_nonfinite_train=bad[0], knn_nonfinite_test=bad[1])
+        name += f"; inf/NaN features: {bad[0]} train images left out of the memory, {bad[1]} test images scored wrong"
+    prot = base_protocol(cfg, protocol=name, train_split="train (all)", eval_split="test", label_fraction=1.0,
                          pretrain_epochs=cfg.trainer.max_epochs, branch="a1")
-    values = {"knn_top1": acc, **_sparsity_values(cfg, stats, backbone)}
+    values.update(_sparsity_values(cfg, stats, backbone))
     update_metrics(a.run, values, prot)
     _print_result("kNN top-1", acc, prot, values)
     return 0
@@ -315,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--run", required=True)
         if name in ("linear", "finetune"):
             s.add_argument("--epochs", type=int, help="override eval.linear_epochs / eval.finetune_epochs")
+        if name == "knn":
+            s.add_argument("--count-nonfinite", action="store_true",
+                           help="score test images with inf/NaN features as wrong (and leave such training images "
+                                "out of the memory) instead of stopping; the counts go into metrics.json")
         if name == "linear":
             s.add_argument("--fast", action="store_true", help="cached features + logistic regression (CPU protocol)")
             s.add_argument("--random-init", action="store_true", help="probe a randomly initialised backbone (the floor)")
@@ -329,7 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--json", action="store_true")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_flops)
-    a = p.parse_args(argv)
+    a, extra = p.parse_known_args(argv)
+    # argparse stops filling `overrides` at the first option, so `--config X a=1 --out Y b=2` leaves b=2 over
+    if extra and hasattr(a, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        a.overrides += extra
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     _set_threads()
     try:
         return a.fn(a)

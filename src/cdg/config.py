@@ -7,6 +7,7 @@ lists what is valid. ``Config`` is the single source of truth saved as ``config.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,6 +63,9 @@ class GatingConfig:
     keep_ratio: Optional[float] = None  # FBS d / DGC g; None: 0.5 (fbs), 0.45 (dgc)
     predictor_loss: Optional[float] = None  # FBS l1 / DGC loss_coef; None: 1e-8 (fbs), 1e-5 (dgc)
     squeeze: int = 16  # DGC r of the salience generators (halved when C_in < 80)
+    # FBS / DGC predictors on the RMS-normalised pooled input: their eval-mode outputs then stay finite
+    # (SPEC 5's form squares an atypical image's scale per layer; see docs/results.md). Off: SPEC 5.
+    scale_free_saliency: bool = False
     compile_gate: bool = False  # torch.compile the fused training gate (about 7% faster on a CPU)
 
 
@@ -115,9 +119,15 @@ class TrainerConfig:
         """The Lightning precision string this run uses (resolves ``auto``, see :func:`native_bf16`)."""
         if self.precision != "auto":
             return self.precision
-        if torch.cuda.is_available() and self.accelerator in ("auto", "gpu", "cuda"):
+        if self.device().type == "cuda":
             return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
         return "bf16-mixed" if native_bf16() else "32-true"
+
+    def device(self) -> torch.device:
+        """Where a single-process job (evaluation, feature extraction) runs: the first GPU when
+        ``accelerator`` allows one and CUDA is available, else the CPU."""
+        use_gpu = torch.cuda.is_available() and self.accelerator in ("auto", "gpu", "cuda")
+        return torch.device("cuda" if use_gpu else "cpu")
 
     @property
     def bf16(self) -> bool:
@@ -171,6 +181,9 @@ class Config:
 # --- loading and validation --------------------------------------------------------------------
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -194,6 +207,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"'{key}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads 1e-4, without a dot, as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{key}' must be a number, got {value!r}")
         return float(value)

@@ -151,6 +151,15 @@ def build_trainer(cfg: Config, out: Path, callbacks: list[Callback], max_epochs:
     )
 
 
+def device_name(device: torch.device) -> str:
+    """What a wall time was measured on: the GPU's name, or the CPU's model and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), "CPU") if Path("/proc/cpuinfo").is_file() else "CPU"
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
 def pretrain(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
     """Pre-train ``cfg`` into run directory ``out``; resumes from ``out/checkpoints/last.ckpt``."""
     out = Path(out)
@@ -181,9 +190,12 @@ def pretrain(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, An
         monitor = (ds.images[idx], ds.targets[idx])
     gate_monitor = GateMonitor(cfg, monitor)
     callbacks: list[Callback] = [
-        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
+        # both write last.ckpt, the newer save winning (without enable_version_counter=False the second
+        # wrote last-v1.ckpt, and --resume, which reads last.ckpt, lost the steps since the last 200)
+        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, enable_version_counter=False,
                         every_n_train_steps=cfg.trainer.checkpoint_every_n_steps or None),
-        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, save_on_train_epoch_end=True),
+        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, enable_version_counter=False,
+                        save_on_train_epoch_end=True),
         NaNGuard(cfg.trainer.nan_check_every_n_steps),
         gate_monitor,
         clock := WallClock(),
@@ -197,7 +209,7 @@ def pretrain(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, An
         stats = gate_monitor.last_train_stats
         values: dict[str, Any] = {"pretrain_wall_s": clock.elapsed(), "pretrain_epochs": trainer.current_epoch,
                                   "pretrain_images_per_s": clock.images_per_s(trainer, cfg.data.batch_size),
-                                  "pretrain_images": len(ds)}
+                                  "pretrain_images": len(ds), "pretrain_device": device_name(trainer.strategy.root_device)}
         if stats:
             values["train_eta_a1_last_epoch"] = stats.get("eta_a1")
             values["train_eta_a2_last_epoch"] = stats.get("eta_a2")

@@ -37,11 +37,12 @@ def check_finite(feats: Tensor, dataset: str) -> Tensor:
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module, ds: Any, dataset: str, batch_size: int = 512, bf16: bool = True,
-    channels_last: bool = True, progress: bool = False,
+    channels_last: bool = True, progress: bool = False, finite: bool = True,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Features (float32, N x D) and labels of ``ds`` on branch a1 in eval mode, and gate stats.
 
-    The statistics (eta, eta_flop_weighted, eta_per_layer) cover exactly these images.
+    The statistics (eta, eta_flop_weighted, eta_per_layer) cover exactly these images. With
+    ``finite`` (the default) inf/NaN features raise :class:`NonFiniteFeaturesError`.
     """
     backbone.eval()
     dev = device_of(backbone)
@@ -69,4 +70,5 @@ def extract_features(
         feats.append(f.float().cpu())
         labels.append(torch.as_tensor(y))
     stats = gate_statistics(backbone, "eval")
-    return check_finite(torch.cat(feats), dataset), torch.cat(labels), stats
+    feats = torch.cat(feats)
+    return check_finite(feats, dataset) if finite else feats, torch.cat(labels), stats

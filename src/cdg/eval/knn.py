@@ -28,9 +28,12 @@ def knn_predict(train_f: Tensor, train_y: Tensor, test_f: Tensor, num_classes: i
 
 def knn_accuracy(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, k: int = 200,
                  temperature: float = 0.1) -> float:
+    """Top-1 accuracy of :func:`knn_predict`. An image whose features are not all finite is left out
+    of the memory (training side) or scored wrong (test side)."""
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    pred = knn_predict(train_f, train_y, test_f, num_classes, k, temperature)
-    return float((pred == test_y).float().mean())
+    ok_tr, ok_te = torch.isfinite(train_f).all(1), torch.isfinite(test_f).all(1)
+    pred = knn_predict(train_f[ok_tr], train_y[ok_tr], test_f[ok_te], num_classes, k, temperature)
+    return float((pred == test_y[ok_te]).sum()) / len(test_y)
 
 
 @torch.no_grad()

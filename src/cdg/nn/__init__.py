@@ -43,9 +43,9 @@ def make_conv_layer(mode: str = "dense", **options: Any) -> Callable[..., nn.Mod
         from cdg.models.resnet import Conv3x3
 
         return Conv3x3
-    if mode == "fbs":  # options: keep_ratio, l1
+    if mode == "fbs":  # options: keep_ratio, l1, scale_free
         return partial(FBSConv2d, **options)
-    if mode == "dgc":  # options: heads, keep_ratio, squeeze, loss_coef
+    if mode == "dgc":  # options: heads, keep_ratio, squeeze, loss_coef, scale_free
         return partial(DGCConv2d, **options)
     if mode not in GATING_MODES:
         raise ValueError(f"unknown gating mode {mode!r}; valid: {', '.join(MODES)}")

@@ -73,6 +73,7 @@ class DGCConv2d(DynamicPruningConv):
         squeeze: r of the salience generators (16, halved when C_in < 80).
         loss_coef: coefficient of the saliency loss (1e-5).
         ramp_start, ramp_end: fractions of training where the pruning ramp starts and ends.
+        scale_free: generators on the RMS-normalised pooled input (see :class:`DynamicPruningConv`).
 
     The weight is one C_out x C_in x 3 x 3 tensor; head h owns output rows
     [h * C_out/heads, (h+1) * C_out/heads).
@@ -92,8 +93,9 @@ class DGCConv2d(DynamicPruningConv):
         *,
         ramp_start: float = RAMP_START,
         ramp_end: float = RAMP_END,
+        scale_free: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, stride)
+        super().__init__(in_channels, out_channels, stride, scale_free)
         if heads < 1 or out_channels % heads:
             raise ValueError(f"DGCConv2d: out_channels={out_channels} is not divisible by heads={heads}")
         if squeeze < 1:
@@ -126,7 +128,7 @@ class DGCConv2d(DynamicPruningConv):
     # --- forward ---------------------------------------------------------------------------
     def saliency(self, x: Tensor) -> Tensor:
         """s = ReLU(FC2(ReLU(FC1(GAP(x))))) for every head: N x heads x C_in, >= 0."""
-        pooled = x.mean((2, 3))
+        pooled = self.pooled(x)
         hid = torch.relu(torch.einsum("nc,hdc->nhd", pooled, self.fc1_weight.to(pooled.dtype)))
         s = torch.einsum("nhd,hcd->nhc", hid, self.fc2_weight.to(hid.dtype))
         return torch.relu(s + self.fc2_bias.view(self.heads, self.in_channels).to(s.dtype))

@@ -69,21 +69,35 @@ class DynamicPruningConv(nn.Module):
       the latest forward of each branch only, and handed out, summed, by :meth:`pop_aux_loss`,
       which clears them. Forwards in eval mode or under ``torch.no_grad`` (e.g. a MoCo key encoder)
       store nothing.
+    * ``scale_free`` (off by default, SPEC section 5's form): the predictors read the pooled input
+      divided by its RMS over channels, so that the saliences do not grow with the input's scale.
+      In the SPEC form the saliences are linear in that scale and so the layer's output is
+      quadratic in it. In eval mode, where BN no longer re-normalises each batch, an atypical image
+      then squares its scale at every gated layer until it overflows. At 4 epochs on CIFAR-10 this
+      happened to 0.1-1.5% of the images (docs/results.md).
     """
 
     gating_kind = "dynamic"
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, scale_free: bool = False) -> None:
         super().__init__()
         for name, c in (("in_channels", in_channels), ("out_channels", out_channels)):
             if c < 1:
                 raise ValueError(f"{type(self).__name__}: {name} must be >= 1, got {c}")
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.scale_free = bool(scale_free)
         self.register_buffer("gate_counts", torch.zeros(2, 2, 2, dtype=torch.float64), persistent=False)
         self.track_stats = True
         self.keep_masks = False
         self.last_masks: dict[int, Tensor] = {}
         self._aux: dict[int, Tensor] = {}
+
+    def pooled(self, x: Tensor) -> Tensor:
+        """GAP(x), N x C_in, the predictors' input; with ``scale_free``, divided by its RMS over channels."""
+        p = x.mean((2, 3))
+        if self.scale_free:
+            p = p / p.float().pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-6).to(p.dtype)
+        return p
 
     @staticmethod
     def _check_branch(branch: int) -> None:
@@ -144,6 +158,7 @@ class FBSConv2d(DynamicPruningConv):
         stride: convolution stride (kernel 3, padding 1, no bias).
         keep_ratio: d, the fraction of output channels computed per sample (k = ceil(d * C_out)).
         l1: coefficient of the L1 penalty on the saliences g (1e-8).
+        scale_free: predictor on the RMS-normalised pooled input (see :class:`DynamicPruningConv`).
 
     ``gate_groups`` is 1 (FBS has no base path; Table 6 lists no groups), ``group_size`` 1.
     eta of a call is ``(C_out - k) / C_out``.
@@ -152,9 +167,10 @@ class FBSConv2d(DynamicPruningConv):
     gating_kind = "fbs"
 
     def __init__(
-        self, in_channels: int, out_channels: int, stride: int = 1, keep_ratio: float = 0.5, l1: float = 1e-8
+        self, in_channels: int, out_channels: int, stride: int = 1, keep_ratio: float = 0.5, l1: float = 1e-8,
+        scale_free: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, stride)
+        super().__init__(in_channels, out_channels, stride, scale_free)
         self.keep_ratio, self.l1 = float(keep_ratio), float(l1)
         self.k = kept_channels(keep_ratio, out_channels)
         self.gate_groups, self.group_size = 1, 1
@@ -167,7 +183,7 @@ class FBSConv2d(DynamicPruningConv):
 
     def saliency(self, x: Tensor) -> Tensor:
         """g = ReLU(FC(GAP(x))): per-sample output-channel saliences, N x C_out, >= 0."""
-        return torch.relu(self.predictor(x.mean((2, 3))))
+        return torch.relu(self.predictor(self.pooled(x)))
 
     def forward(self, x: Tensor, branch: int = 0) -> Tensor:
         self._check_branch(branch)
