@@ -10,14 +10,20 @@ on a randomly initialised backbone is the floor.
     python scripts/cpu_results.py run [ROW ...]     # resumable: finished rows are skipped
     python scripts/cpu_results.py report            # writes docs/results.md and docs/img/*.png
     python scripts/cpu_results.py list
+
+``--results DIR`` (before the command) keeps the runs elsewhere than ``results/cpu``; ``run --jobs N``
+runs N rows at once, each in its own process (on a GPU the small-width rows are launch-bound, so
+several share one card well).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +48,7 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "simclr_overlap50_g4": ("T2", "SimCLR + CDG, 50% base-path overlap, G=4", ["gating.mode=dual", "gating.groups=4", "gating.overlap=50"]),
     "simclr_cdg_g4_cg4": ("T5", "SimCLR + structured CDG, C_g=4, G=4", ["gating.mode=dual", "gating.groups=4", "gating.group_size=4"]),
     "simclr_fbs": ("T6", "SimCLR + FBS (keep 0.5 of output channels)", ["gating.mode=fbs", "gating.keep_ratio=0.5"]),
+    "simclr_fbs_scalefree": ("T6", "SimCLR + FBS, predictor on the RMS-normalised pooled input (not SPEC 5: see findings)", ["gating.mode=fbs", "gating.keep_ratio=0.5", "gating.scale_free_saliency=true"]),
     "simclr_dgc": ("T6", "SimCLR + DGC (4 heads, keep 0.45 of input channels)", ["gating.mode=dgc", "gating.groups=4", "gating.keep_ratio=0.45"]),
     "mocov2_dense": ("T7", "MoCo V2+ dense", ["method.name=mocov2", "optim.name=sgd", "optim.lr=0.3", "optim.weight_decay=1e-4", "method.queue_size=32768"]),
     "mocov2_cdg_g4": ("T7", "MoCo V2+ + CDG, G=4", ["method.name=mocov2", "optim.name=sgd", "optim.lr=0.3", "optim.weight_decay=1e-4", "method.queue_size=32768", "gating.mode=dual", "gating.groups=4"]),
@@ -51,7 +58,7 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
 
 
 def cdg(*args: str) -> None:
-    cmd = [str(ROOT / ".venv" / "bin" / "cdg"), *args]
+    cmd = [sys.executable, "-m", "cdg", *args]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
@@ -61,10 +68,30 @@ def metrics(row: str) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def run(rows: list[str]) -> None:
-    for row in rows or list(ROWS):
-        if row not in ROWS:
-            sys.exit(f"unknown row {row!r}; valid: {', '.join(ROWS)}")
+def run(rows: list[str], jobs: int = 1) -> None:
+    rows = rows or list(ROWS)
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        sys.exit(f"unknown row(s) {unknown}; valid: {', '.join(ROWS)}")
+    if jobs > 1:  # one process per row, `jobs` at a time, each with its own log
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        pending, running, failed = list(rows), [], []
+        while pending or running:
+            while pending and len(running) < jobs:
+                row = pending.pop(0)
+                log = (RESULTS / f"{row}.log").open("a")
+                cmd = [sys.executable, __file__, "--results", str(RESULTS), "run", row]
+                running.append((row, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)))
+            time.sleep(2)
+            for row, proc in [r for r in running if r[1].poll() is not None]:
+                running.remove((row, proc))
+                print(f"{row}: {'done' if proc.returncode == 0 else f'failed (exit {proc.returncode}), see {RESULTS / row}.log'}", flush=True)
+                if proc.returncode:
+                    failed.append(row)
+        if failed:
+            sys.exit(f"failed rows: {failed}")
+        return
+    for row in rows:
         out = RESULTS / row
         m = metrics(row)
         if "backbone.pt" not in {p.name for p in out.glob("*")}:
@@ -88,80 +115,96 @@ def run(rows: list[str]) -> None:
             cdg("knn", "--run", str(out))
 
 
-def _epoch_series(row: str, key: str) -> list[tuple[int, float]]:
-    p = RESULTS / row / "logs" / "metrics.csv"
+def _epoch_series(results: Path, row: str, key: str) -> list[tuple[int, float]]:
+    p = results / row / "logs" / "metrics.csv"
     if not p.is_file():
         return []
-    out = []
     with p.open() as f:
-        for r in csv.DictReader(f):
-            if r.get(key):
-                out.append((int(r["epoch"]) + 1, float(r[key])))
-    return out
+        return [(int(r["epoch"]) + 1, float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+
+
+def _table(results: Path) -> list[str]:
+    """One markdown row per run directory of ``results`` (in ROWS order)."""
+    got = {row: json.loads((results / row / "metrics.json").read_text())
+           for row in ROWS if (results / row / "metrics.json").is_file()}
+    dense = {meth: got.get(f"{meth}_dense", {}).get("linear_top1") for meth in ("simclr", "mocov2", "simsiam")}
+    pct = lambda v: f"{100 * v:.2f}%" if v is not None else ""  # noqa: E731
+    lines = ["| row | shape of | linear probe top-1 | vs dense | kNN top-1 | eta (test) | FLOPs red. Eq. 13 "
+             "| FLOPs red. exact | pre-train wall |", "|---|---|---|---|---|---|---|---|---|"]
+    for row, m in got.items():
+        shape, desc, over = ROWS[row]
+        wall = (f"{m['pretrain_wall_s'] / 60:.1f} min" if m.get("pretrain_wall_s") else
+                f"{m['wall_s_at_step_600'] / 60:.1f} min to step 600 of 784" if m.get("wall_s_at_step_600") else "")
+        knn = pct(m.get("knn_top1")) + (f" ({m['knn_nonfinite_test']} of 10,000 non-finite, scored wrong)"
+                                        if m.get("knn_nonfinite_test") else "")
+        meth = next((o.split("=")[1] for o in over if o.startswith("method.name=")), "simclr")
+        ref = dense.get(meth)
+        linear, delta = "no result: non-finite features (see findings)", ""
+        if m.get("linear_top1") is not None:
+            linear = pct(m["linear_top1"])
+            delta = f"{100 * (m['linear_top1'] - ref):+.2f}" if ref is not None and not row.endswith("_dense") else ""
+        red = lambda k: f"{m[k]:.2f}x" if m.get(k) is not None else "1.00x"  # noqa: E731
+        lines.append(f"| {desc} | {shape} | {linear} | {delta} | {knn} | {pct(m.get('eta')) or '-'} "
+                     f"| {red('flops_reduction_eq13')} | {red('flops_reduction_exact')} | {wall} |")
+    return lines
 
 
 def report() -> None:
+    """docs/results.md from results/gpu (the full table) and results/cpu (the same recipe on a CPU)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    img = DOCS / "img"
-    img.mkdir(parents=True, exist_ok=True)
-    floor = metrics("simclr_dense").get("linear_top1_random_init")
-    dense = {"simclr": metrics("simclr_dense").get("linear_top1"), "mocov2": metrics("mocov2_dense").get("linear_top1"),
-             "simsiam": metrics("simsiam_dense").get("linear_top1")}
+    gpu, cpu = ROOT / "results" / "gpu", ROOT / "results" / "cpu"
+    floor = json.loads((cpu / "simclr_dense" / "metrics.json").read_text()).get("linear_top1_random_init")
     lines = [
-        "# Results at CPU scale",
+        "# Results at small scale (CIFAR-10, ResNet-18 x0.25, 4 epochs)",
         "",
-        "Generated by `python scripts/cpu_results.py report` from the run directories in `results/cpu/`",
-        "(rows are produced by `python scripts/cpu_results.py run`). **Recipe, the same for every row and",
-        "not tuned per method:** ResNet-18 at 0.25x width, CIFAR stem, batch 256, 4 epochs over all 50,000",
-        "CIFAR-10 training images, fp32 + channels_last (the measuring host, an AVX2-only AMD EPYC, has no",
-        "native bf16), LARS for SimCLR (SGD for MoCo V2+ and SimSiam, SPEC section 6 learning rates),",
-        "1 warm-up epoch then cosine, temperature 0.2, no blur, seed 0; CDG target s = 1.0, lambda = 1e-4.",
-        "Each row ran as its own process on 1 thread, two rows side by side on the 2 cores, so wall times",
-        "compare only between rows run together. **Probe:** logistic regression (L-BFGS) on standardised",
-        "frozen features (branch a1, eval mode) of the un-augmented 50k training images, scored on the real",
-        "10k CIFAR-10 test set. kNN: k = 200, cosine, T = 0.1. eta: conditional-path sparsity on the test set,",
-        "branch a1. The paper's numbers come from 1000 epochs at 1x width on a GPU; these do not.",
+        "Generated by `python scripts/cpu_results.py report` from the run directories in `results/gpu/` and",
+        "`results/cpu/` (rows are produced by `python scripts/cpu_results.py [--results DIR] run [--jobs N] [ROW ...]`).",
+        "**Recipe, the same for every row and not tuned per method:** ResNet-18 at 0.25x width, CIFAR stem,",
+        "batch 256, 4 epochs over all 50,000 CIFAR-10 training images, fp32 weights and activations,",
+        "channels_last, LARS for SimCLR (SGD for MoCo V2+ and SimSiam, SPEC section 6 learning rates), 1",
+        "warm-up epoch then cosine, temperature 0.2, no blur, seed 0; CDG target s = 1.0, lambda = 1e-4.",
+        "**Probe:** logistic regression (L-BFGS) on standardised frozen features (branch a1, eval mode) of",
+        "the un-augmented 50k training images, scored on the real 10k CIFAR-10 test set. kNN: k = 200,",
+        "cosine, T = 0.1. eta: conditional-path sparsity on the test set, branch a1. The paper's numbers",
+        "come from 1000 epochs at 1x width; these do not.",
         "",
         f"Random-initialised backbone, same probe (the floor): **{100 * floor:.2f}%**" if floor is not None else
         "Random-initialised backbone floor: not measured yet.",
         "",
-        "| row | shape of | linear probe top-1 | vs dense | kNN top-1 | eta (test) | FLOPs red. Eq. 13 | FLOPs red. exact | pre-train wall |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "## All rows, one NVIDIA H200 (`results/gpu`)",
+        "",
+        "Run with `--jobs 15` (the 11 SimCLR rows together, then the 4 MoCo V2+ / SimSiam rows together),",
+        "so wall times compare only within a group. On the GPU, PyTorch's default lets cuDNN run fp32",
+        "convolutions in TF32.",
+        "",
+        *_table(gpu),
+        "",
+        "## The same recipe on the 2-core CPU (`results/cpu`), a replicate on other hardware",
+        "",
+        "An AVX2-only AMD EPYC without native bf16, one thread per row, two rows side by side.",
+        "",
+        *_table(cpu),
     ]
-    for row, (shape, desc, over) in ROWS.items():
-        m = metrics(row)
-        if m.get("eval_error"):
-            lines.append(f"| {desc} | {shape} | no result: non-finite eval features (see findings) | | | | | | "
-                         f"{m.get('pretrain_wall_s', 0) / 60:.1f} min |")
-            continue
-        if not m.get("linear_top1"):
-            lines.append(f"| {desc} | {shape} | not run yet | | | | | | |")
-            continue
-        meth = next((o.split("=")[1] for o in over if o.startswith("method.name=")), "simclr")
-        ref = dense.get(meth)
-        delta = f"{100 * (m['linear_top1'] - ref):+.2f}" if ref is not None and "dense" not in row else ""
-        f = lambda k, fmt: (fmt % m[k]) if m.get(k) is not None else ""  # noqa: E731
-        lines.append(
-            f"| {desc} | {shape} | {100 * m['linear_top1']:.2f}% | {delta} | {'%.2f%%' % (100 * m['knn_top1']) if m.get('knn_top1') is not None else ''} "
-            f"| {'%.2f%%' % (100 * m['eta']) if m.get('eta') is not None else '-'} | {f('flops_reduction_eq13', '%.2fx') or '1.00x'} "
-            f"| {f('flops_reduction_exact', '%.2fx') or '1.00x'} | {m.get('pretrain_wall_s', 0) / 60:.1f} min |")
     # plots: S_c over training, eta per branch over training, per-layer eta
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for row in ROWS:
-        sc = _epoch_series(row, "monitor/mask_similarity")
-        if sc:
-            axes[0].plot(*zip(*sc), marker="o", label=row)
-        for k, ls in (("train/eta_a1", "-"), ("train/eta_a2", "--")):
-            s = _epoch_series(row, k)
-            if s and row in ("simclr_cdg_g4", "simclr_cgnet_g4", "mocov2_cdg_g4", "simsiam_cdg_g4"):
-                axes[1].plot(*zip(*s), ls, label=f"{row} {k[-2:]}")
-        per = metrics(row).get("eta_per_layer")
-        if per and row in ("simclr_cdg_g4", "simclr_cgnet_g4", "simclr_cdg_g4_cg4"):
-            axes[2].plot(range(1, len(per) + 1), [100 * v for v in per.values()], marker="o", label=row)
+    for results in (cpu, gpu):
+        for row in ROWS:
+            tag = f"{row} ({results.name})"
+            sc = _epoch_series(results, row, "monitor/mask_similarity")
+            if sc:
+                axes[0].plot(*zip(*sc), marker="o", label=tag)
+            for k, ls in (("train/eta_a1", "-"), ("train/eta_a2", "--")):
+                s = _epoch_series(results, row, k)
+                if s and row in ("simclr_cdg_g4", "simclr_cgnet_g4", "mocov2_cdg_g4", "simsiam_cdg_g4"):
+                    axes[1].plot(*zip(*s), ls, label=f"{tag} {k[-2:]}")
+            m = results / row / "metrics.json"
+            per = json.loads(m.read_text()).get("eta_per_layer") if m.is_file() else None
+            if per and results == gpu and row in ("simclr_cdg_g4", "simclr_cgnet_g4", "simclr_cdg_g4_cg4", "simclr_cdg_g8"):
+                axes[2].plot(range(1, len(per) + 1), [100 * v for v in per.values()], marker="o", label=tag)
     axes[0].set(title="mask similarity S_c between branches (Fig. 4)", xlabel="epoch", ylabel="S_c")
     axes[1].set(title="conditional-path sparsity per branch, training (Fig. 8a)", xlabel="epoch", ylabel="eta")
     axes[2].set(title="per-layer eta, test set, branch a1 (Fig. 8c)", xlabel="gated layer", ylabel="eta (%)")
@@ -169,6 +212,8 @@ def report() -> None:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
+    img = DOCS / "img"
+    img.mkdir(parents=True, exist_ok=True)
     fig.savefig(img / "cpu_gating.png", dpi=110)
     lines += ["", "![S_c, eta per branch and per-layer eta](img/cpu_gating.png)", ""]
     notes = DOCS / "results_findings.md"
@@ -179,10 +224,16 @@ def report() -> None:
 
 
 if __name__ == "__main__":
-    cmd = sys.argv[1] if len(sys.argv) > 1 else "list"
-    if cmd == "run":
-        run(sys.argv[2:])
-    elif cmd == "report":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the run directories")
+    ap.add_argument("cmd", nargs="?", default="list", choices=["run", "report", "list"])
+    ap.add_argument("rows", nargs="*")
+    ap.add_argument("--jobs", type=int, default=1, help="run: rows at once, one process each")
+    args = ap.parse_args()
+    RESULTS = args.results.resolve()
+    if args.cmd == "run":
+        run(args.rows, args.jobs)
+    elif args.cmd == "report":
         report()
     else:
         for k, (shape, desc, over) in ROWS.items():
