@@ -63,8 +63,8 @@ def cdg(*args: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def metrics(row: str) -> dict:
-    p = RESULTS / row / "metrics.json"
+def metrics(row: str, results: Path | None = None) -> dict:
+    p = (results or RESULTS) / row / "metrics.json"
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
@@ -79,9 +79,9 @@ def run(rows: list[str], jobs: int = 1) -> None:
         while pending or running:
             while pending and len(running) < jobs:
                 row = pending.pop(0)
-                log = (RESULTS / f"{row}.log").open("a")
-                cmd = [sys.executable, __file__, "--results", str(RESULTS), "run", row]
-                running.append((row, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)))
+                with (RESULTS / f"{row}.log").open("a") as log:  # the child keeps its own handle
+                    cmd = [sys.executable, __file__, "--results", str(RESULTS), "run", row]
+                    running.append((row, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)))
             time.sleep(2)
             for row, proc in [r for r in running if r[1].poll() is not None]:
                 running.remove((row, proc))
@@ -125,8 +125,7 @@ def _epoch_series(results: Path, row: str, key: str) -> list[tuple[int, float]]:
 
 def _table(results: Path) -> list[str]:
     """One markdown row per run directory of ``results`` (in ROWS order)."""
-    got = {row: json.loads((results / row / "metrics.json").read_text())
-           for row in ROWS if (results / row / "metrics.json").is_file()}
+    got = {row: m for row in ROWS if (m := metrics(row, results))}
     dense = {meth: got.get(f"{meth}_dense", {}).get("linear_top1") for meth in ("simclr", "mocov2", "simsiam")}
     pct = lambda v: f"{100 * v:.2f}%" if v is not None else ""  # noqa: E731
     lines = ["| row | shape of | linear probe top-1 | vs dense | kNN top-1 | eta (test) | FLOPs red. Eq. 13 "
@@ -157,7 +156,7 @@ def report() -> None:
     import matplotlib.pyplot as plt
 
     gpu, cpu = ROOT / "results" / "gpu", ROOT / "results" / "cpu"
-    floor = json.loads((cpu / "simclr_dense" / "metrics.json").read_text()).get("linear_top1_random_init")
+    floor = metrics("simclr_dense", cpu).get("linear_top1_random_init")
     lines = [
         "# Results at small scale (CIFAR-10, ResNet-18 x0.25, 4 epochs)",
         "",
@@ -201,8 +200,7 @@ def report() -> None:
                 s = _epoch_series(results, row, k)
                 if s and row in ("simclr_cdg_g4", "simclr_cgnet_g4", "mocov2_cdg_g4", "simsiam_cdg_g4"):
                     axes[1].plot(*zip(*s), ls, label=f"{tag} {k[-2:]}")
-            m = results / row / "metrics.json"
-            per = json.loads(m.read_text()).get("eta_per_layer") if m.is_file() else None
+            per = metrics(row, results).get("eta_per_layer")
             if per and results == gpu and row in ("simclr_cdg_g4", "simclr_cgnet_g4", "simclr_cdg_g4_cg4", "simclr_cdg_g8"):
                 axes[2].plot(range(1, len(per) + 1), [100 * v for v in per.values()], marker="o", label=tag)
     axes[0].set(title="mask similarity S_c between branches (Fig. 4)", xlabel="epoch", ylabel="S_c")
