@@ -184,7 +184,8 @@ def report() -> None:
         "",
         "## The same recipe on the 2-core CPU (`results/cpu`), a replicate on other hardware",
         "",
-        "An AVX2-only AMD EPYC without native bf16, one thread per row, two rows side by side.",
+        "An AVX2-only AMD EPYC without native bf16, one thread per row, with one to three other jobs sharing",
+        "the 2 cores, so these wall times are rough.",
         "",
         *_table(cpu),
     ]
