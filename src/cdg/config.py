@@ -63,8 +63,9 @@ class GatingConfig:
     keep_ratio: Optional[float] = None  # FBS d / DGC g; None: 0.5 (fbs), 0.45 (dgc)
     predictor_loss: Optional[float] = None  # FBS l1 / DGC loss_coef; None: 1e-8 (fbs), 1e-5 (dgc)
     squeeze: int = 16  # DGC r of the salience generators (halved when C_in < 80)
-    # FBS / DGC predictors on the RMS-normalised pooled input: their eval-mode outputs then stay finite
-    # (SPEC 5's form squares an atypical image's scale per layer; see docs/results.md). Off: SPEC 5.
+    # FBS / DGC predictors on the RMS-normalised pooled input: no longer squares an atypical image's
+    # scale at every layer as SPEC 5's form does (finite eval features at 4 epochs, but still
+    # heavy-tailed; see docs/results.md). Off: SPEC 5.
     scale_free_saliency: bool = False
     compile_gate: bool = False  # torch.compile the fused training gate (about 7% faster on a CPU)
 
