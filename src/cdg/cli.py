@@ -114,8 +114,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
 
 def cmd_knn(a: argparse.Namespace) -> int:
-    import torch
-
+    from cdg.eval.features import nonfinite_rows
     from cdg.eval.knn import knn_accuracy
     from cdg.runs import base_protocol, load_run, update_metrics
 
@@ -126,7 +125,7 @@ def cmd_knn(a: argparse.Namespace) -> int:
     name = f"kNN (k={cfg.eval.knn_k}, cosine, T={cfg.eval.knn_temperature})"
     values = {"knn_top1": acc}
     if a.count_nonfinite:
-        bad = [int((~torch.isfinite(f).all(1)).sum()) for f in (trf, tef)]
+        bad = [int(nonfinite_rows(f).sum()) for f in (trf, tef)]
         values.update(knn_nonfinite_train=bad[0], knn_nonfinite_test=bad[1])
         name += f"; inf/NaN features: {bad[0]} train images left out of the memory, {bad[1]} test images scored wrong"
     prot = base_protocol(cfg, protocol=name, train_split="train (all)", eval_split="test", label_fraction=1.0,

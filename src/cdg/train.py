@@ -171,7 +171,7 @@ def pretrain(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
     L.seed_everything(cfg.trainer.seed, workers=True)
-    if cfg.trainer.resolved_precision() == "bf16-mixed" and not torch.cuda.is_available() and not native_bf16():
+    if cfg.trainer.resolved_precision() == "bf16-mixed" and cfg.trainer.device().type == "cpu" and not native_bf16():
         log.warning("trainer.precision=bf16-mixed on a CPU without native bf16 (no AVX512-BF16/AMX): bf16 "
                     "autocast is emulated (benchmarks/bench_precision.py measured it 11x slower than fp32 on such a CPU); use trainer.precision=auto")
     ds = train_dataset(cfg, out)

@@ -25,9 +25,14 @@ class NonFiniteFeaturesError(ValueError):
     """The backbone produced inf/NaN features: any accuracy measured on them would be meaningless."""
 
 
+def nonfinite_rows(feats: Tensor) -> Tensor:
+    """Boolean mask of the rows (images) of ``feats`` with any inf/NaN entry."""
+    return ~torch.isfinite(feats).all(1)
+
+
 def check_finite(feats: Tensor, dataset: str) -> Tensor:
     """``feats`` unchanged, or :class:`NonFiniteFeaturesError`: a probe on inf/NaN features scores chance."""
-    bad = int((~torch.isfinite(feats).all(1)).sum())
+    bad = int(nonfinite_rows(feats).sum())
     if bad:
         raise NonFiniteFeaturesError(f"the backbone gives non-finite (inf/NaN) features for {bad} of {len(feats)} "
                                      f"{dataset} images in eval mode; no accuracy is reported for them")

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cdg.eval.features import nonfinite_rows
+
 
 @torch.no_grad()
 def knn_predict(train_f: Tensor, train_y: Tensor, test_f: Tensor, num_classes: int, k: int = 200,
@@ -31,7 +33,7 @@ def knn_accuracy(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tenso
     """Top-1 accuracy of :func:`knn_predict`. An image whose features are not all finite is left out
     of the memory (training side) or scored wrong (test side)."""
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    ok_tr, ok_te = torch.isfinite(train_f).all(1), torch.isfinite(test_f).all(1)
+    ok_tr, ok_te = ~nonfinite_rows(train_f), ~nonfinite_rows(test_f)
     pred = knn_predict(train_f[ok_tr], train_y[ok_tr], test_f[ok_te], num_classes, k, temperature)
     return float((pred == test_y[ok_te]).sum()) / len(test_y)
 
