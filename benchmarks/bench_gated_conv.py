@@ -9,7 +9,9 @@ ratios measured side by side mean anything). Three forms:
 * naive:  the original channel-gating formulation: a full conv plus a *masked* full-size base conv
           (Y = Y_full * M + Y_base * (1 - M)), about 2x the dense convolution cost.
 
-Usage: python benchmarks/bench_gated_conv.py [--widths 0.25 1.0] [--batch 128] [--rounds 3]
+Usage: python benchmarks/bench_gated_conv.py [--widths 0.25 1.0] [--batch 128] [--rounds 3] [--profile]
+
+``--profile`` also prints the top operators (self CPU time) of one dense and one CDG step per width.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile each whole network (gate in its composable form, fused=False)")
+    ap.add_argument("--profile", action="store_true", help="top operators of one dense and one CDG step")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="auto: bf16 autocast only where the CPU has native bf16 (AVX512-BF16/AMX)")
     a = ap.parse_args()
@@ -93,6 +96,14 @@ def main() -> None:
             for k in nets:
                 times[k].append(step_time(nets[k], x1, x2, opts[k], bf16))
         med = {k: statistics.median(v) for k, v in times.items()}
+        if a.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            for k in ("dense", "cdg"):
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    step_time(nets[k], x1, x2, opts[k], bf16)
+                print(f"== ResNet-18 x{w}, one {k} step, top operators by self CPU time")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=36))
         if a.compile:
             print(f"  whole-model compile: cdg compiled / dense compiled = {med['cdg_compiled'] / med['dense']:.2f}x "
                   f"(dense column is compiled too)")

@@ -132,8 +132,7 @@ def _table(results: Path) -> list[str]:
              "| FLOPs red. exact | pre-train wall |", "|---|---|---|---|---|---|---|---|---|"]
     for row, m in got.items():
         shape, desc, over = ROWS[row]
-        wall = (f"{m['pretrain_wall_s'] / 60:.1f} min" if m.get("pretrain_wall_s") else
-                f"{m['wall_s_at_step_600'] / 60:.1f} min to step 600 of 784" if m.get("wall_s_at_step_600") else "")
+        wall = f"{m['pretrain_wall_s'] / 60:.1f} min" if m.get("pretrain_wall_s") else "not recorded"
         knn = pct(m.get("knn_top1")) + (f" ({m['knn_nonfinite_test']} of 10,000 non-finite, scored wrong)"
                                         if m.get("knn_nonfinite_test") else "")
         meth = next((o.split("=")[1] for o in over if o.startswith("method.name=")), "simclr")
