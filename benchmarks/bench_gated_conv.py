@@ -2,12 +2,15 @@
 
 Two views (view 1 on a1, view 2 on a2), forward + backward + SGD step, ResNet-18, CIFAR input,
 channels_last, bf16 autocast where the CPU has native bf16 (else fp32), interleaved in one process (the host is shared and noisy: only
-ratios measured side by side mean anything). Three forms:
+ratios measured side by side mean anything). The forms:
 
 * dense:  plain 3x3 convolutions;
-* cdg:    our GatedConv2d at G = 4 (dense conv + grouped base conv + fused gate);
+* cdg:    our GatedConv2d at G = 4 (dense conv + base conv, grouped or masked by `base_conv="auto"`,
+          + fused gate);
 * naive:  the original channel-gating formulation: a full conv plus a *masked* full-size base conv
-          (Y = Y_full * M + Y_base * (1 - M)), about 2x the dense convolution cost.
+          (Y = Y_full * M + Y_base * (1 - M)), about 2x the dense convolution cost;
+* convs_only: CDG's dense and base-path convolutions with no gate (Y_full + Y_base), the floor
+          that a faster gate could reach with these convolution kernels.
 
 Usage: python benchmarks/bench_gated_conv.py [--widths 0.25 1.0] [--batch 128] [--rounds 3] [--profile]
 
@@ -41,6 +44,14 @@ class NaiveGatedConv2d(GatedConv2d):
         y_full = F.conv2d(x, self.weight, None, self.stride, 1)
         m = self.gate(y_base, branch).to(y_full.dtype)
         return y_full * m + y_base * (1 - m)
+
+
+class ConvsOnlyGatedConv2d(GatedConv2d):
+    """CDG's two convolutions (dense + base path) with no gate: Y = Y_full + Y_base. The floor any
+    gate implementation can reach with these convolution kernels (not a model to train)."""
+
+    def forward(self, x, branch=0):
+        return F.conv2d(x, self.weight, None, self.stride, 1) + self.base_path(x, branch)
 
 
 def step_time(net: nn.Module, x1: torch.Tensor, x2: torch.Tensor, opt: torch.optim.Optimizer, bf16: bool) -> float:
@@ -78,7 +89,8 @@ def main() -> None:
             return m
 
         factories = {"dense": make_conv_layer("dense"), "cdg": make_conv_layer("dual", gate_groups=4),
-                     "cdg_compiled": compiled, "naive": lambda i, o, s=1: NaiveGatedConv2d(i, o, s, 4)}
+                     "cdg_compiled": compiled, "naive": lambda i, o, s=1: NaiveGatedConv2d(i, o, s, 4),
+                     "convs_only": lambda i, o, s=1: ConvsOnlyGatedConv2d(i, o, s, 4)}
         nets, opts = {}, {}
         for k, f in factories.items():
             torch.manual_seed(0)
@@ -110,7 +122,9 @@ def main() -> None:
         print(f"ResNet-18 x{w}, batch {a.batch}, two views, fwd+bwd+step, {'bf16' if bf16 else 'fp32'}+channels_last, {a.threads} threads: "
               f"dense {med['dense']:.3f}s  cdg {med['cdg']:.3f}s ({med['cdg'] / med['dense']:.2f}x dense)  "
               f"cdg {'whole-model compiled' if a.compile else 'compiled gate'} {med['cdg_compiled']:.3f}s ({med['cdg_compiled'] / med['dense']:.2f}x dense)  "
-              f"naive CGNet form {med['naive']:.3f}s ({med['naive'] / med['dense']:.2f}x dense)", flush=True)
+              f"naive CGNet form {med['naive']:.3f}s ({med['naive'] / med['dense']:.2f}x dense)  "
+              f"CDG's convolutions alone, no gate {med['convs_only']:.3f}s ({med['convs_only'] / med['dense']:.2f}x dense)",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -38,19 +38,26 @@ def reference_forward(m: GatedConv2d, x: torch.Tensor, branch: int, mask_from: t
     return y_full * full + y_base * (1 - full), mask
 
 
-CASES = list(itertools.product((2, 4, 8), (0, 1), ("dual", "shared_base"), (1, 2), (True, False)))
+# (base_conv, channels_last): both base-path convolutions, and the block selection in both layouts
+LAYOUTS = (("grouped", False), ("grouped", True), ("masked", False))
+CASES = list(itertools.product((2, 4, 8), (0, 1), ("dual", "shared_base"), (1, 2), (True, False), LAYOUTS))
 
 
-@pytest.mark.parametrize("g,branch,mode,cg,fused", CASES)
-def test_fast_form_equals_reference_values_and_gradients(g, branch, mode, cg, fused):
+@pytest.mark.parametrize("g,branch,mode,cg,fused,layout", CASES)
+def test_fast_form_equals_reference_values_and_gradients(g, branch, mode, cg, fused, layout):
     torch.manual_seed(g * 10 + branch)
-    m = GatedConv2d(16, 32, 1, g, mode=mode, group_size=cg).double()
+    base_conv, channels_last = layout
+    m = GatedConv2d(16, 32, 1, g, mode=mode, group_size=cg, base_conv=base_conv).double()
     m.fused = fused
     with torch.no_grad():
         m.tau.uniform_(-0.7, 0.7)
-    x = torch.randn(3, 16, 7, 7, dtype=torch.double, requires_grad=True)
+    x = torch.randn(3, 16, 7, 7, dtype=torch.double)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     gy = torch.randn(3, 32, 7, 7, dtype=torch.double)
     y = m(x, branch)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     gx, gw, gt = torch.autograd.grad(y, (x, m.weight, m.tau), gy)
     yr, _ = reference_forward(m, x, branch)
     rx, rw, rt = torch.autograd.grad(yr, (x, m.weight, m.tau), gy)
@@ -59,10 +66,13 @@ def test_fast_form_equals_reference_values_and_gradients(g, branch, mode, cg, fu
 
 
 @pytest.mark.parametrize("overlap", (0, 50, 75, 100))
-def test_overlap_layouts_match_reference(overlap):
+@pytest.mark.parametrize("base_conv,channels_last", LAYOUTS)
+def test_overlap_layouts_match_reference(overlap, base_conv, channels_last):
     torch.manual_seed(overlap)
-    m = GatedConv2d(8, 8, 2, 4, overlap=overlap).double()
+    m = GatedConv2d(8, 8, 2, 4, overlap=overlap, base_conv=base_conv).double()
     x = torch.randn(2, 8, 9, 9, dtype=torch.double)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(m(x, 1), reference_forward(m, x, 1)[0])
 
 
@@ -185,6 +195,8 @@ def test_clear_errors():
         GatedConv2d(8, 16, 1, 4, group_size=3)
     with pytest.raises(ValueError, match="unknown gating mode 'triple'"):
         GatedConv2d(8, 8, 1, 4, mode="triple")
+    with pytest.raises(ValueError, match="base_conv"):
+        GatedConv2d(8, 8, 1, 4, base_conv="sparse")
     with pytest.raises(ValueError, match="unknown base-path overlap"):
         base_path_blocks(4, 1, "dual", 30)
     with pytest.raises(ValueError, match="gate_groups=4 only"):
@@ -205,3 +217,25 @@ def test_inference_gate_equals_training_gate(cg, channels_last):
     with torch.enable_grad():
         ref = m.gate(m.base_path(x, 0)).detach()
     assert torch.equal(fast, ref)
+
+
+@pytest.mark.parametrize("channels_last", (False, True))
+def test_compiled_gate_equals_eager_gate(channels_last):
+    """``compile_gate`` runs the same fused math through torch.compile: same values and gradients."""
+    torch.manual_seed(3)
+    eager = GatedConv2d(16, 32, 1, 4).double()
+    with torch.no_grad():
+        eager.tau.uniform_(-0.7, 0.7)
+    compiled = GatedConv2d(16, 32, 1, 4, compile_gate=True).double()
+    compiled.load_state_dict(eager.state_dict())
+    x = torch.randn(3, 16, 7, 7, dtype=torch.double)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(3, 32, 7, 7, dtype=torch.double)
+    results = []
+    for m in (eager, compiled):
+        xi = x.clone().requires_grad_()
+        y = m(xi, 1)
+        results.append((y, *torch.autograd.grad(y, (xi, m.weight, m.tau), gy)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -68,6 +68,9 @@ class GatingConfig:
     # heavy-tailed; see docs/results.md). Off: SPEC 5.
     scale_free_saliency: bool = False
     compile_gate: bool = False  # torch.compile the fused training gate (about 7% faster on a CPU)
+    # how Eq. 1's base path is computed (same values): a grouped conv, the dense conv with the
+    # non-base weights zeroed, or auto (masked on a CPU when in_channels / G < 8: faster there)
+    base_conv: Literal["auto", "grouped", "masked"] = "auto"
 
 
 @dataclass
