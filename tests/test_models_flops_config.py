@@ -136,3 +136,15 @@ def test_every_shipped_config_loads_and_builds(path):
 
     cfg = load_config(path)
     build_backbone(cfg)
+
+
+def test_gating_base_conv_reaches_every_gated_layer():
+    from cdg.builders import build_backbone
+    from cdg.nn import gated_layers
+
+    for choice in ("grouped", "masked"):
+        cfg = load_config(ROOT / "configs/cpu/simclr_cdg.yaml", [f"gating.base_conv={choice}"])
+        layers = [m for _, m in gated_layers(build_backbone(cfg))]
+        assert layers and all(m.base_conv == choice for m in layers)
+    with pytest.raises(ValueError, match="base_conv"):
+        load_config(ROOT / "configs/cpu/simclr_cdg.yaml", ["gating.base_conv=sparse"])

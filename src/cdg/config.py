@@ -67,7 +67,8 @@ class GatingConfig:
     # scale at every layer as SPEC 5's form does (finite eval features at 4 epochs, but still
     # heavy-tailed; see docs/results.md). Off: SPEC 5.
     scale_free_saliency: bool = False
-    compile_gate: bool = False  # torch.compile the fused training gate (about 7% faster on a CPU)
+    # torch.compile the fused training gate (same values; no gain measured on the AVX2 CPU, README Speed)
+    compile_gate: bool = False
     # how Eq. 1's base path is computed (same values): a grouped conv, the dense conv with the
     # non-base weights zeroed, or auto (masked on a CPU when in_channels / G < 8: faster there)
     base_conv: Literal["auto", "grouped", "masked"] = "auto"
