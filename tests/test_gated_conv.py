@@ -239,3 +239,21 @@ def test_compiled_gate_equals_eager_gate(channels_last):
         results.append((y, *torch.autograd.grad(y, (xi, m.weight, m.tau), gy)))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_gate_counts_are_exact(dtype):
+    """Closed-gate counts equal the mask's zeros exactly, also for a bf16 mask under autocast (as in
+    bf16-mixed training), whose own bf16 sum would round."""
+    torch.manual_seed(0)
+    m = GatedConv2d(16, 16, 1, 4)
+    m.keep_masks = True
+    x = torch.randn(8, 16, 16, 16).contiguous(memory_format=torch.channels_last)
+    for branch in (0, 1):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = m(x, branch)
+        y.float().sum().backward()
+        mask = m.last_masks[branch]
+        assert mask.dtype == dtype and mask.numel() > 256  # bf16 integers are exact only up to 256
+        assert m.gate_counts[0, branch, 0].item() == (mask == 0).sum().item()
+        assert m.gate_counts[0, branch, 1].item() == mask.numel()

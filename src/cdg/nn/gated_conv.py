@@ -16,7 +16,8 @@ Backward uses the CGNet "gradient smoothing": dM/dn = alpha * s * (1 - s), s = s
 Training computes the dense convolution once plus the base path once as a grouped convolution
 (1 + 1/G dense-conv costs; with fewer than 8 input channels per group a CPU runs the base path as
 the dense convolution with zeroed weights, which oneDNN does faster), which equals the reference
-form ``Y_full * M + Y_base * (1 - M)`` in values and gradients. The three steps (:meth:`GatedConv2d.base_path`, :meth:`GatedConv2d.gate`,
+form ``Y_full * M + Y_base * (1 - M)`` in values and gradients. The three steps
+(:meth:`GatedConv2d.base_path`, :meth:`GatedConv2d.gate`,
 :meth:`GatedConv2d.combine`) are separate so that a sparse kernel can replace ``combine``.
 """
 
@@ -461,8 +462,9 @@ class GatedConv2d(nn.Module):
             with torch.no_grad():
                 counts = self.gate_counts[0 if self.training else 1, branch]
                 # a float32 sum of 0/1 values is exact below 2**24 elements (and 13x faster here
-                # than converting the mask to float64 first)
-                opened = mask.sum() if mask.numel() < 2**24 else mask.sum(dtype=torch.float64)
+                # than converting a float32 mask to float64 first); a bf16 sum would round
+                big = mask.numel() >= 2**24
+                opened = mask.sum(dtype=torch.float64 if big else torch.float32)
                 counts[0] += mask.numel() - opened
                 counts[1] += mask.numel()
 
