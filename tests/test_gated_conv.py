@@ -257,3 +257,16 @@ def test_gate_counts_are_exact(dtype):
         assert mask.dtype == dtype and mask.numel() > 256  # bf16 integers are exact only up to 256
         assert m.gate_counts[0, branch, 0].item() == (mask == 0).sum().item()
         assert m.gate_counts[0, branch, 1].item() == mask.numel()
+
+
+def test_gate_counts_stay_float64_when_the_module_is_cast():
+    from cdg.nn import FBSConv2d
+
+    torch.manual_seed(0)
+    for m in (GatedConv2d(16, 16, 1, 4), FBSConv2d(16, 16, 1)):
+        m = m.to(torch.bfloat16)
+        assert m.weight.dtype == torch.bfloat16 and m.gate_counts.dtype == torch.float64
+        m.eval()
+        with torch.no_grad():
+            m(torch.randn(8, 16, 17, 17, dtype=torch.bfloat16), 0)
+        assert m.gate_counts[1, 0, 1].item() == 8 * 16 * 17 * 17  # 289 * 128: not a bf16 number

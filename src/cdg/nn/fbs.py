@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cdg.nn.gated_conv import GateCounts
+
 
 def kept_channels(keep_ratio: float, channels: int) -> int:
     """k = ceil(keep_ratio * channels), at least 1 and at most ``channels``.
@@ -52,7 +54,7 @@ def top_k_mask(scores: Tensor, k: int, dim: int = -1) -> Tensor:
     return torch.zeros_like(scores).scatter_(dim, idx, 1.0)
 
 
-class DynamicPruningConv(nn.Module):
+class DynamicPruningConv(GateCounts):
     """Statistics and auxiliary-loss plumbing shared by :class:`FBSConv2d` and ``DGCConv2d``.
 
     * ``gate_counts`` (non-persistent float64 buffer, on the device): [phase (0 train, 1 eval),

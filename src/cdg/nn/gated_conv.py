@@ -268,7 +268,21 @@ def _group_repeat(t: Tensor, g: int, cdim: int) -> Tensor:
     return t if g == 1 else t.repeat_interleave(g, dim=cdim)
 
 
-class GatedConv2d(nn.Module):
+class GateCounts(nn.Module):
+    """Base of the gated layers: keeps their ``gate_counts`` statistics buffer in float64 when the
+    module is cast (``.half()``, ``.to(torch.bfloat16)``), where a cast buffer would round the counts
+    (bf16 holds integers exactly only up to 256). Device moves apply as usual."""
+
+    gate_counts: Tensor
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        counts = self.gate_counts
+        super()._apply(fn, recurse)
+        self.gate_counts = counts.to(self.gate_counts.device)
+        return self
+
+
+class GatedConv2d(GateCounts):
     """3x3 channel-gated convolution with per-branch base paths (CDG, Eq. 1-3, 7-10, 12).
 
     Args:
