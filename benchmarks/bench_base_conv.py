@@ -56,7 +56,7 @@ def main() -> None:
                     if r:
                         times[k].append(t)
             ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-            pick = "masked" if GatedConv2d(c, c, 1, a.groups)._masked_base(x) else "grouped"
+            pick = "masked" if forms["dense"][0]._masked_base(x) else "grouped"  # base_conv="auto"
             print(f"{w:<5}  {c:<4}  {hw:>2}x{hw:<2}  {c // a.groups:<4}  {ms['dense']:8.1f}  "
                   f"{ms['grouped']:8.1f} ({ms['grouped'] / ms['dense']:.2f}x)     "
                   f"{ms['masked']:8.1f} ({ms['masked'] / ms['dense']:.2f}x)      {pick}", flush=True)

@@ -223,9 +223,8 @@ class _FusedInstanceGate(torch.autograd.Function):
         return grad_full, grad_base, grad_tau.reshape(ctx.tau_shape).to(ctx.tau_dtype), None, None, None, None
 
 
-def _select_blocks(x: Tensor, pi: tuple[int, ...], index: Tensor) -> Tensor:
-    """``x`` with its channels regrouped as the G blocks ``pi`` (``index`` holds the same numbers),
-    in x's own memory format.
+def _select_blocks(x: Tensor, pi: tuple[int, ...]) -> Tensor:
+    """``x`` with its channels regrouped as the G blocks ``pi``, in x's own memory format.
 
     (``index_select`` over channels returns a contiguous tensor for channels-last input, and a
     mixed layout makes every later layer of that view slow. The inverse diagonal is a flip, whose
@@ -233,7 +232,10 @@ def _select_blocks(x: Tensor, pi: tuple[int, ...], index: Tensor) -> Tensor:
     nhwc = _channels_last_view(x)
     dim = 3 if nhwc else 1
     t = (x.permute(0, 2, 3, 1) if nhwc else x).unflatten(dim, (len(pi), -1))
-    t = t.flip(dim) if pi == tuple(reversed(range(len(pi)))) else t.index_select(dim, index)
+    if pi == tuple(reversed(range(len(pi)))):
+        t = t.flip(dim)
+    else:  # the cyclic shift of odd G and the Table 2 overlap layouts
+        t = t.index_select(dim, torch.tensor(pi, device=x.device))
     t = t.flatten(dim, dim + 1)
     return t.permute(0, 3, 1, 2) if nhwc else t
 
@@ -357,7 +359,6 @@ class GatedConv2d(GateCounts):
         self.blocks = tuple(base_path_blocks(g, b, mode, overlap) for b in (0, 1))
         co, ci = out_channels // g, in_channels // g
         for b, pi in enumerate(self.blocks):
-            self.register_buffer(f"_in_blocks{b}", torch.tensor(pi), persistent=False)
             block_mask = torch.zeros(out_channels, in_channels, 1, 1)
             for o, p in enumerate(pi):
                 block_mask[o * co:(o + 1) * co, p * ci:(p + 1) * ci] = 1
@@ -388,7 +389,7 @@ class GatedConv2d(GateCounts):
         if self._masked_base(x):
             return F.conv2d(x, self.weight * getattr(self, f"_block_mask{branch}"), None, self.stride, 1)
         if self.blocks[branch] != tuple(range(self.gate_groups)):
-            x = _select_blocks(x, self.blocks[branch], getattr(self, f"_in_blocks{branch}"))
+            x = _select_blocks(x, self.blocks[branch])
         return F.conv2d(x, self.base_weight(branch), None, self.stride, 1, 1, self.gate_groups)
 
     def _masked_base(self, x: Tensor) -> bool:
