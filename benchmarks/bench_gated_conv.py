@@ -6,7 +6,9 @@ ratios measured side by side mean anything). The forms:
 
 * dense:  plain 3x3 convolutions;
 * cdg:    our GatedConv2d at G = 4 (dense conv + base conv, grouped or masked by `base_conv="auto"`,
-          + fused gate);
+          + fused gate in the C++ kernel, `gate_kernel="auto"`);
+* cdg_torch_gate: the same with the fused gate in PyTorch operations (`gate_kernel="torch"`);
+* cdg_compiled: the same with the PyTorch gate through torch.compile (`compile_gate=True`);
 * naive:  the original channel-gating formulation: a full conv plus a *masked* full-size base conv
           (Y = Y_full * M + Y_base * (1 - M)), about 2x the dense convolution cost;
 * convs_only: CDG's dense and base-path convolutions with no gate (Y_full + Y_base), the floor
@@ -89,6 +91,7 @@ def main() -> None:
             return m
 
         factories = {"dense": make_conv_layer("dense"), "cdg": make_conv_layer("dual", gate_groups=4),
+                     "cdg_torch_gate": make_conv_layer("dual", gate_groups=4, gate_kernel="torch"),
                      "cdg_compiled": compiled, "naive": lambda i, o, s=1: NaiveGatedConv2d(i, o, s, 4),
                      "convs_only": lambda i, o, s=1: ConvsOnlyGatedConv2d(i, o, s, 4)}
         nets, opts = {}, {}
@@ -121,6 +124,7 @@ def main() -> None:
                   f"(dense column is compiled too)")
         print(f"ResNet-18 x{w}, batch {a.batch}, two views, fwd+bwd+step, {'bf16' if bf16 else 'fp32'}+channels_last, {a.threads} threads: "
               f"dense {med['dense']:.3f}s  cdg {med['cdg']:.3f}s ({med['cdg'] / med['dense']:.2f}x dense)  "
+              f"cdg PyTorch gate {med['cdg_torch_gate']:.3f}s ({med['cdg_torch_gate'] / med['dense']:.2f}x dense)  "
               f"cdg {'whole-model compiled' if a.compile else 'compiled gate'} {med['cdg_compiled']:.3f}s ({med['cdg_compiled'] / med['dense']:.2f}x dense)  "
               f"naive CGNet form {med['naive']:.3f}s ({med['naive'] / med['dense']:.2f}x dense)  "
               f"CDG's convolutions alone, no gate {med['convs_only']:.3f}s ({med['convs_only'] / med['dense']:.2f}x dense)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 
 import pytest
 import torch
@@ -38,16 +39,17 @@ def reference_forward(m: GatedConv2d, x: torch.Tensor, branch: int, mask_from: t
     return y_full * full + y_base * (1 - full), mask
 
 
-# (base_conv, channels_last): both base-path convolutions, and the block selection in both layouts
-LAYOUTS = (("grouped", False), ("grouped", True), ("masked", False))
+# (base_conv, channels_last, gate_kernel): both base-path convolutions, the block selection in both
+# layouts, and the fused gate in C++ (auto: channels-last, C_g = 1) and in PyTorch
+LAYOUTS = (("grouped", False, "auto"), ("grouped", True, "auto"), ("grouped", True, "torch"), ("masked", False, "auto"))
 CASES = list(itertools.product((2, 4, 8), (0, 1), ("dual", "shared_base"), (1, 2), (True, False), LAYOUTS))
 
 
 @pytest.mark.parametrize("g,branch,mode,cg,fused,layout", CASES)
 def test_fast_form_equals_reference_values_and_gradients(g, branch, mode, cg, fused, layout):
     torch.manual_seed(g * 10 + branch)
-    base_conv, channels_last = layout
-    m = GatedConv2d(16, 32, 1, g, mode=mode, group_size=cg, base_conv=base_conv).double()
+    base_conv, channels_last, kernel = layout
+    m = GatedConv2d(16, 32, 1, g, mode=mode, group_size=cg, base_conv=base_conv, gate_kernel=kernel).double()
     m.fused = fused
     with torch.no_grad():
         m.tau.uniform_(-0.7, 0.7)
@@ -66,10 +68,10 @@ def test_fast_form_equals_reference_values_and_gradients(g, branch, mode, cg, fu
 
 
 @pytest.mark.parametrize("overlap", (0, 50, 75, 100))
-@pytest.mark.parametrize("base_conv,channels_last", LAYOUTS)
-def test_overlap_layouts_match_reference(overlap, base_conv, channels_last):
+@pytest.mark.parametrize("base_conv,channels_last,kernel", LAYOUTS)
+def test_overlap_layouts_match_reference(overlap, base_conv, channels_last, kernel):
     torch.manual_seed(overlap)
-    m = GatedConv2d(8, 8, 2, 4, overlap=overlap, base_conv=base_conv).double()
+    m = GatedConv2d(8, 8, 2, 4, overlap=overlap, base_conv=base_conv, gate_kernel=kernel).double()
     x = torch.randn(2, 8, 9, 9, dtype=torch.double)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -239,6 +241,61 @@ def test_compiled_gate_equals_eager_gate(channels_last):
         results.append((y, *torch.autograd.grad(y, (xi, m.weight, m.tau), gy)))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+needs_compiler = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler")
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype,tol", ((torch.float64, 1e-9), (torch.float32, 1e-4)))
+def test_cpp_gate_kernel_equals_pytorch_gate(dtype, tol, monkeypatch):
+    """The C++ kernel (``gate_kernel="cpp"``) gives the PyTorch gate's output, mask and gradients, and
+    really runs: a build failure is an error in ``cpp`` mode, and the kernel's calls are counted."""
+    from cdg.nn import gate_kernel, gated_conv
+
+    calls = []
+    module = gate_kernel.instance_gate(required=True)
+
+    def counted(required=False):
+        calls.append(required)
+        return module
+
+    monkeypatch.setattr(gated_conv, "instance_gate", counted)
+    torch.manual_seed(5)
+    torch_gate = GatedConv2d(32, 64, 1, 4, gate_kernel="torch").to(dtype)
+    with torch.no_grad():
+        torch_gate.tau.uniform_(-0.7, 0.7)
+    cpp_gate = GatedConv2d(32, 64, 1, 4, gate_kernel="cpp").to(dtype)
+    cpp_gate.load_state_dict(torch_gate.state_dict())
+    x = torch.randn(4, 32, 12, 12, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(4, 64, 12, 12, dtype=dtype)
+    results = []
+    for m in (torch_gate, cpp_gate):
+        m.keep_masks = True
+        xi = x.clone().requires_grad_()
+        y = m(xi, 1)
+        results.append((y, m.last_masks[1], *torch.autograd.grad(y, (xi, m.weight, m.tau), gy)))
+    assert calls == [True], "the C++ kernel was not used"
+    (y0, m0, *g0), (y1, m1, *g1) = results
+    assert torch.equal(m0, m1) and torch.equal(y0, y1)
+    assert y1.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_gate_kernel_falls_back_where_it_does_not_apply(monkeypatch):
+    """NCHW input, C_g > 1 and other surrogates run the PyTorch gate even with gate_kernel="cpp"."""
+    from cdg.nn import gated_conv
+
+    monkeypatch.setattr(gated_conv, "instance_gate", lambda required=False: pytest.fail("kernel called"))
+    for kwargs, channels_last in (({}, False), ({"group_size": 2}, True), ({"surrogate": "hard_sigmoid"}, True)):
+        m = GatedConv2d(8, 16, 1, 4, gate_kernel="cpp", **kwargs)
+        x = torch.randn(2, 8, 6, 6)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        m(x.requires_grad_(), 0).sum().backward()
+    with pytest.raises(ValueError, match="gate_kernel"):
+        GatedConv2d(8, 8, 1, 4, gate_kernel="cuda")
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))

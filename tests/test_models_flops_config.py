@@ -148,3 +148,15 @@ def test_gating_base_conv_reaches_every_gated_layer():
         assert layers and all(m.base_conv == choice for m in layers)
     with pytest.raises(ValueError, match="base_conv"):
         load_config(ROOT / "configs/cpu/simclr_cdg.yaml", ["gating.base_conv=sparse"])
+
+
+def test_gating_gate_kernel_reaches_every_gated_layer():
+    from cdg.builders import build_backbone
+    from cdg.nn import gated_layers
+
+    for choice in ("auto", "cpp", "torch"):
+        cfg = load_config(ROOT / "configs/cpu/simclr_cdg.yaml", [f"gating.gate_kernel={choice}"])
+        layers = [m for _, m in gated_layers(build_backbone(cfg))]
+        assert layers and all(m.gate_kernel == choice for m in layers)
+    with pytest.raises(ValueError, match="gate_kernel"):
+        load_config(ROOT / "configs/cpu/simclr_cdg.yaml", ["gating.gate_kernel=cuda"])

@@ -25,7 +25,7 @@ def conv_layer_for(cfg: Config):
     return make_conv_layer(
         g.mode, gate_groups=g.groups, overlap=g.overlap if g.mode == "dual" else 0,
         group_size=g.group_size, norm=g.norm, surrogate=g.surrogate, alpha=g.alpha, tau_init=g.tau_init,
-        compile_gate=g.compile_gate, base_conv=g.base_conv,
+        compile_gate=g.compile_gate, base_conv=g.base_conv, gate_kernel=g.gate_kernel,
     )
 
 

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cdg.nn.gate_kernel import instance_gate, supports as kernel_supports
+
 GatingMode = Literal["dual", "shared_base", "unified"]
 Norm = Literal["instance", "batch"]
 Surrogate = Literal["sigmoid", "one_sided", "hard_sigmoid"]
@@ -37,6 +39,7 @@ GATING_MODES: tuple[str, ...] = ("dual", "shared_base", "unified")
 NORMS: tuple[str, ...] = ("instance", "batch")
 SURROGATES: tuple[str, ...] = ("sigmoid", "one_sided", "hard_sigmoid")
 BASE_CONVS: tuple[str, ...] = ("auto", "grouped", "masked")
+GATE_KERNELS: tuple[str, ...] = ("auto", "cpp", "torch")
 OVERLAPS: tuple[int, ...] = (0, 50, 75, 100)
 
 
@@ -188,20 +191,31 @@ class _FusedInstanceGate(torch.autograd.Function):
     backward written out so that autograd stores and runs far fewer elementwise passes (the
     composable form costs more than the convolutions on a CPU). Tested against that composition.
     Channels-last inputs are processed as contiguous N x H x W x C views (mixed layouts are slow).
-    With ``compiled`` the math runs through ``torch.compile``, which fuses it into a few kernels.
+    With ``compiled`` the math runs through ``torch.compile``, which fuses it into a few kernels;
+    with ``kernel`` ``auto`` or ``cpp`` it runs in the C++ kernel of :mod:`cdg.nn.gate_kernel` where
+    that covers the call (channels-last float CPU tensors, C_g = 1, sigmoid surrogate).
     Returns the layer output and the 0/1 mask (one entry per C_g group, N x C/C_g x H x W).
     """
 
     @staticmethod
     def forward(ctx, y_full: Tensor, y_base: Tensor, tau: Tensor, alpha: float, surrogate: str, group_size: int,  # type: ignore[override]
-                compiled: bool = False):
+                compiled: bool = False, kernel: str = "torch"):
         ctx.set_materialize_grads(False)  # no zero tensor for the mask's (absent) gradient
         nhwc = _channels_last_view(y_base) and _channels_last_view(y_full)
         if nhwc:  # channel axis last: reduce over (1, 2)
             y_full, y_base = y_full.permute(0, 2, 3, 1), y_base.permute(0, 2, 3, 1)
-        out, mask, *saved = _math("forward", compiled)(y_full, y_base, tau, group_size, nhwc)
-        ctx.save_for_backward(*saved, mask)
-        ctx.alpha, ctx.surrogate, ctx.group_size, ctx.nhwc, ctx.compiled = alpha, surrogate, group_size, nhwc, compiled
+        ext = None
+        if kernel != "torch" and not compiled and nhwc and kernel_supports(y_full, y_base, group_size, surrogate):
+            ext = instance_gate(required=kernel == "cpp")
+        if ext is not None:  # the fused C++ kernel: same math, one pass over memory each way
+            tau_c = tau.detach().to(y_base.dtype).contiguous()
+            out, mask, mu, rstd = ext.forward(y_full, y_base, tau_c)
+            ctx.save_for_backward(y_full, y_base, mask, mu, rstd, tau_c)
+        else:
+            out, mask, *saved = _math("forward", compiled)(y_full, y_base, tau, group_size, nhwc)
+            ctx.save_for_backward(*saved, mask)
+        ctx.ext, ctx.alpha, ctx.surrogate, ctx.group_size, ctx.nhwc, ctx.compiled = (
+            ext, alpha, surrogate, group_size, nhwc, compiled)
         ctx.tau_shape, ctx.tau_dtype = tau.shape, tau.dtype
         ctx.mark_non_differentiable(mask)
         if nhwc:
@@ -211,16 +225,20 @@ class _FusedInstanceGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor | None, _grad_mask: Tensor | None):  # type: ignore[override]
         if grad is None:  # the output took no part in the loss
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         if ctx.nhwc:
             grad = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         else:
             grad = grad.contiguous()
-        grad_full, grad_base, grad_tau = _math("backward", ctx.compiled)(
-            grad, *ctx.saved_tensors, ctx.alpha, ctx.surrogate, ctx.group_size, ctx.nhwc)
+        if ctx.ext is not None:
+            y_full = ctx.saved_tensors[0]
+            grad_full, grad_base, grad_tau = ctx.ext.backward(grad.to(y_full.dtype), *ctx.saved_tensors, ctx.alpha)
+        else:
+            grad_full, grad_base, grad_tau = _math("backward", ctx.compiled)(
+                grad, *ctx.saved_tensors, ctx.alpha, ctx.surrogate, ctx.group_size, ctx.nhwc)
         if ctx.nhwc:
             grad_full, grad_base = grad_full.permute(0, 3, 1, 2), grad_base.permute(0, 3, 1, 2)
-        return grad_full, grad_base, grad_tau.reshape(ctx.tau_shape).to(ctx.tau_dtype), None, None, None, None
+        return grad_full, grad_base, grad_tau.reshape(ctx.tau_shape).to(ctx.tau_dtype), None, None, None, None, None
 
 
 def _select_blocks(x: Tensor, pi: tuple[int, ...]) -> Tensor:
@@ -306,6 +324,11 @@ class GatedConv2d(GateCounts):
         base_conv: how Eq. 1 is computed: ``grouped`` (a grouped convolution), ``masked`` (the dense
             convolution with the non-base weights zeroed) or ``auto`` (masked on a CPU when
             in_channels / G < 8, grouped otherwise). All give the same values.
+        gate_kernel: who runs the fused training gate on a CPU: ``cpp`` (the C++ kernel of
+            :mod:`cdg.nn.gate_kernel`, built on first use; an error if it cannot be built),
+            ``torch`` (PyTorch operations) or ``auto`` (the kernel, falling back to PyTorch with a
+            warning if it cannot be built). The kernel covers channels-last float32/float64 input
+            with C_g = 1 and the sigmoid surrogate; other calls run in PyTorch. Same values.
     """
 
     def __init__(
@@ -324,6 +347,7 @@ class GatedConv2d(GateCounts):
         tau_init: float = 0.0,
         compile_gate: bool = False,
         base_conv: str = "auto",
+        gate_kernel: str = "auto",
     ) -> None:
         super().__init__()
         g = gate_groups
@@ -356,6 +380,9 @@ class GatedConv2d(GateCounts):
         if base_conv not in BASE_CONVS:
             raise ValueError(f"unknown base_conv {base_conv!r}; valid: {', '.join(BASE_CONVS)}")
         self.base_conv = base_conv
+        if gate_kernel not in GATE_KERNELS:
+            raise ValueError(f"unknown gate_kernel {gate_kernel!r}; valid: {', '.join(GATE_KERNELS)}")
+        self.gate_kernel = gate_kernel
         self.blocks = tuple(base_path_blocks(g, b, mode, overlap) for b in (0, 1))
         co, ci = out_channels // g, in_channels // g
         for b, pi in enumerate(self.blocks):
@@ -452,7 +479,7 @@ class GatedConv2d(GateCounts):
         if self.fused and self.norm == "instance" and torch.is_grad_enabled() and self.mode != "unified":
             y_full = F.conv2d(x, self.weight, None, self.stride, 1)
             out, mask = _FusedInstanceGate.apply(y_full, y_base, self.tau, self.alpha, self.surrogate, self.group_size,
-                                                 self.compile_gate)
+                                                 self.compile_gate, self.gate_kernel)
             self._record(mask, branch)
             return out
         if self.mode == "unified" and branch == 1:
