@@ -6,14 +6,17 @@ each output, per sample, and is 3-4x faster on a CPU (``benchmarks/bench_gated_c
 covers the default gate only: instance norm, C_g = 1, sigmoid surrogate, channels-last float32 or
 float64 CPU tensors. Everything else runs the PyTorch form.
 
-The kernel is compiled with the system C++ compiler through ``torch.utils.cpp_extension`` the first
-time a layer needs it (about a minute), and cached in ``$TORCH_EXTENSIONS_DIR`` (default
+The kernel is compiled with the system C++ compiler (and ``ninja``, a dependency of the package)
+through ``torch.utils.cpp_extension`` the first time a layer needs it (about a minute), and cached in ``$TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``) per CPU capability. If it cannot be built, :func:`instance_gate`
 warns once and returns None, and the gate runs in PyTorch (same values).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -44,6 +47,10 @@ def instance_gate(required: bool = False) -> ModuleType | None:
 def _build() -> tuple[ModuleType | None, str | None]:
     try:
         from torch.utils.cpp_extension import load
+
+        venv_bin = str(Path(sys.executable).parent)  # pip's ninja, when the venv is not activated
+        if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
+            os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
 
         capability = torch.backends.cpu.get_cpu_capability()
         flags = ["-O3", "-fopenmp", "-fno-trapping-math"] + _ARCH_FLAGS.get(capability, [])
