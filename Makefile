@@ -45,4 +45,5 @@ demo: venv
 
 bench: venv
 	$(BIN)/python benchmarks/bench_gated_conv.py
+	$(BIN)/python benchmarks/bench_gate_kernel.py
 	$(BIN)/python benchmarks/bench_framework_overhead.py
