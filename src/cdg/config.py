@@ -67,14 +67,15 @@ class GatingConfig:
     # scale at every layer as SPEC 5's form does (finite eval features at 4 epochs, but still
     # heavy-tailed; see docs/results.md). Off: SPEC 5.
     scale_free_saliency: bool = False
-    # torch.compile the fused training gate (same values; no gain measured on the AVX2 CPU, README Speed)
+    # torch.compile the PyTorch form of the fused training gate instead of the C++ kernel (same values;
+    # slower than the kernel on the AVX2 CPU, README Speed)
     compile_gate: bool = False
     # how Eq. 1's base path is computed (same values): a grouped conv, the dense conv with the
     # non-base weights zeroed, or auto (masked on a CPU when in_channels / G < 8: faster there)
     base_conv: Literal["auto", "grouped", "masked"] = "auto"
     # who runs the fused training gate on a CPU (same values): the C++ kernel of cdg.nn.gate_kernel
     # (cpp; built on first use), PyTorch operations (torch), or auto (the kernel, PyTorch if it
-    # cannot be built). The kernel is 3-4x faster than the PyTorch gate (README Speed)
+    # cannot be built). The kernel is 2-3x faster than the PyTorch gate (README Speed)
     gate_kernel: Literal["auto", "cpp", "torch"] = "auto"
 
 

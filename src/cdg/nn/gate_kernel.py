@@ -2,7 +2,7 @@
 
 The PyTorch form of the gate (:func:`cdg.nn.gated_conv._gate_forward` / ``_gate_backward``) makes
 about 15 passes over memory per layer; the kernel makes one read of each input and one write of
-each output, per sample, and is 3-4x faster on a CPU (``benchmarks/bench_gated_conv.py``). It
+each output, per sample, and is 2-3x faster on a CPU (``benchmarks/bench_gate_kernel.py``). It
 covers the default gate only: instance norm, C_g = 1, sigmoid surrogate, channels-last float32 or
 float64 CPU tensors. Everything else runs the PyTorch form.
 
