@@ -14,6 +14,7 @@ warns once and returns None, and the gate runs in PyTorch (same values).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -46,7 +47,13 @@ def instance_gate(required: bool = False) -> ModuleType | None:
 
 def _build() -> tuple[ModuleType | None, str | None]:
     try:
-        from torch.utils.cpp_extension import load
+        log = logging.getLogger("torch.utils.cpp_extension")  # its import warns "No CUDA runtime" on CPU hosts
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            from torch.utils.cpp_extension import load
+        finally:
+            log.setLevel(level)
 
         venv_bin = str(Path(sys.executable).parent)  # pip's ninja, when the venv is not activated
         if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):

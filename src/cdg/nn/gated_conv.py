@@ -19,6 +19,8 @@ the dense convolution with zeroed weights, which oneDNN does faster), which equa
 form ``Y_full * M + Y_base * (1 - M)`` in values and gradients. The three steps
 (:meth:`GatedConv2d.base_path`, :meth:`GatedConv2d.gate`,
 :meth:`GatedConv2d.combine`) are separate so that a sparse kernel can replace ``combine``.
+In training they run fused (:class:`_FusedInstanceGate`, whose PyTorch form below is the readable
+one); on a CPU the same math runs by default in the C++ kernel of :mod:`cdg.nn.gate_kernel`.
 """
 
 from __future__ import annotations
