@@ -17,12 +17,14 @@ Usage: python benchmarks/bench_base_conv.py [--widths 0.25 1.0] [--groups 4] [--
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
+from functools import partial
 
 import torch
 
 from cdg.nn import GatedConv2d
+
+from _common import cifar_stage_shapes, interleaved_medians  # benchmarks/_common.py
 
 
 def fwd_bwd_s(m: GatedConv2d, x: torch.Tensor, base: bool) -> float:
@@ -44,18 +46,12 @@ def main() -> None:
     print(f"fwd+bwd per layer, batch {a.batch}, fp32, channels_last, {a.threads} threads, G={a.groups}, branch a2")
     print("width  C_in  HxW    in/G  dense ms  grouped ms (x dense)  masked ms (x dense)  auto picks")
     for w in a.widths:
-        for c, hw in ((64, 32), (128, 16), (256, 8), (512, 4)):
-            c = int(c * w)
+        for c, hw in cifar_stage_shapes(w):
             x = torch.randn(a.batch, c, hw, hw).contiguous(memory_format=torch.channels_last).requires_grad_()
             forms = {"dense": (GatedConv2d(c, c, 1, a.groups), False)}
             forms.update({k: (GatedConv2d(c, c, 1, a.groups, base_conv=k), True) for k in ("grouped", "masked")})
-            times: dict[str, list[float]] = {k: [] for k in forms}
-            for r in range(a.reps + 1):  # interleaved; the first round warms up
-                for k, (m, base) in forms.items():
-                    t = fwd_bwd_s(m, x, base)
-                    if r:
-                        times[k].append(t)
-            ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            med = interleaved_medians({k: partial(fwd_bwd_s, m, x, base) for k, (m, base) in forms.items()}, a.reps)
+            ms = {k: v * 1e3 for k, v in med.items()}
             pick = "masked" if forms["dense"][0]._masked_base(x) else "grouped"  # base_conv="auto"
             print(f"{w:<5}  {c:<4}  {hw:>2}x{hw:<2}  {c // a.groups:<4}  {ms['dense']:8.1f}  "
                   f"{ms['grouped']:8.1f} ({ms['grouped'] / ms['dense']:.2f}x)     "

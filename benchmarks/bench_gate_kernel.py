@@ -10,13 +10,15 @@ Usage: python benchmarks/bench_gate_kernel.py [--widths 0.25 1.0] [--batch 128] 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
+from functools import partial
 
 import torch
 
 from cdg.nn.gate_kernel import instance_gate
 from cdg.nn.gated_conv import _FusedInstanceGate
+
+from _common import cifar_stage_shapes, interleaved_medians  # benchmarks/_common.py
 
 
 def gate_step(y_full: torch.Tensor, y_base: torch.Tensor, tau: torch.Tensor, grad: torch.Tensor, kernel: str) -> float:
@@ -38,8 +40,7 @@ def main() -> None:
     print(f"gate fwd+bwd per layer call, batch {a.batch}, fp32, channels_last, {a.threads} threads")
     print("width  C     HxW    PyTorch ms  C++ kernel ms  (PyTorch / kernel)")
     for w in a.widths:
-        for c, hw in ((64, 32), (128, 16), (256, 8), (512, 4)):
-            c = int(c * w)
+        for c, hw in cifar_stage_shapes(w):
             shape = (a.batch, c, hw, hw)
 
             def cl() -> torch.Tensor:
@@ -47,14 +48,13 @@ def main() -> None:
 
             y_full, y_base, grad = cl().requires_grad_(), cl().requires_grad_(), cl()
             tau = torch.zeros(c, requires_grad=True)
-            times: dict[str, list[float]] = {"torch": [], "cpp": []}
-            for k in times:  # warm-up
-                gate_step(y_full, y_base, tau, grad, k)
-            for _ in range(a.rounds):
-                for k in times:
-                    y_full.grad = y_base.grad = tau.grad = None
-                    times[k].append(gate_step(y_full, y_base, tau, grad, k))
-            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+            def timer(kernel: str) -> float:
+                y_full.grad = y_base.grad = tau.grad = None
+                return gate_step(y_full, y_base, tau, grad, kernel)
+
+            med = {k: v * 1e3 for k, v in interleaved_medians({k: partial(timer, k) for k in ("torch", "cpp")},
+                                                               a.rounds).items()}
             print(f"{w:<6} {c:<5} {hw:>2}x{hw:<3} {med['torch']:>10.1f} {med['cpp']:>14.1f}  "
                   f"({med['torch'] / med['cpp']:.1f}x)", flush=True)
 

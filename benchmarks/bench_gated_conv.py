@@ -22,8 +22,8 @@ Usage: python benchmarks/bench_gated_conv.py [--widths 0.25 1.0] [--batch 128] [
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,8 @@ from torch import nn
 from cdg.config import native_bf16
 from cdg.models import create_model
 from cdg.nn import GatedConv2d, make_conv_layer
+
+from _common import interleaved_medians  # benchmarks/_common.py
 
 
 class NaiveGatedConv2d(GatedConv2d):
@@ -103,14 +105,9 @@ def main() -> None:
             opts[k] = torch.optim.SGD(nets[k].parameters(), lr=0.01, momentum=0.9)
         x1 = torch.randn(a.batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
         x2 = torch.randn(a.batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-        times: dict[str, list[float]] = {k: [] for k in nets}
-        for k in nets:  # warm-up (and compilation)
-            for _ in range(2):
-                step_time(nets[k], x1, x2, opts[k], bf16)
-        for _ in range(a.rounds):  # interleaved
-            for k in nets:
-                times[k].append(step_time(nets[k], x1, x2, opts[k], bf16))
-        med = {k: statistics.median(v) for k, v in times.items()}
+        # warm-up (and compilation), then interleaved rounds
+        med = interleaved_medians({k: partial(step_time, nets[k], x1, x2, opts[k], bf16) for k in nets}, a.rounds,
+                                  warmup=2)
         if a.profile:
             from torch.profiler import ProfilerActivity, profile
 

@@ -81,6 +81,11 @@ class Bottleneck(nn.Module):
         return self.bn3
 
 
+def stage_widths(width: float = 1.0) -> list[int]:
+    """Channels of the four ResNet stages at a width multiplier: 64, 128, 256, 512 times ``width``."""
+    return [int(round(64 * width * 2**i)) for i in range(4)]
+
+
 class ResNet(nn.Module):
     """ResNet backbone returning pooled features (``num_features`` wide).
 
@@ -105,7 +110,7 @@ class ResNet(nn.Module):
         super().__init__()
         if width <= 0:
             raise ValueError(f"width multiplier must be > 0, got {width}")
-        widths = [int(round(64 * width * 2**i)) for i in range(4)]
+        widths = stage_widths(width)
         if stem == "cifar":
             self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
             self.maxpool: nn.Module = nn.Identity()

@@ -7,8 +7,8 @@ covers the default gate only: instance norm, C_g = 1, sigmoid surrogate, channel
 float64 CPU tensors. Everything else runs the PyTorch form.
 
 The kernel is compiled with the system C++ compiler (and ``ninja``, a dependency of the package)
-through ``torch.utils.cpp_extension`` the first time a layer needs it (about a minute), and cached in ``$TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``) per CPU capability. If it cannot be built, :func:`instance_gate`
+through ``torch.utils.cpp_extension`` the first time a layer needs it (about a minute), and cached
+in ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) per CPU capability. If it cannot be built, :func:`instance_gate`
 warns once and returns None, and the gate runs in PyTorch (same values).
 """
 

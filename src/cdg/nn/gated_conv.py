@@ -232,12 +232,12 @@ class _FusedInstanceGate(torch.autograd.Function):
             grad = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         else:
             grad = grad.contiguous()
-        if ctx.ext is not None:
-            y_full = ctx.saved_tensors[0]
-            grad_full, grad_base, grad_tau = ctx.ext.backward(grad.to(y_full.dtype), *ctx.saved_tensors, ctx.alpha)
+        saved = ctx.saved_tensors
+        if ctx.ext is not None:  # saved: y_full, y_base, mask, mu, rstd, tau
+            grad_full, grad_base, grad_tau = ctx.ext.backward(grad.to(saved[0].dtype), *saved, ctx.alpha)
         else:
             grad_full, grad_base, grad_tau = _math("backward", ctx.compiled)(
-                grad, *ctx.saved_tensors, ctx.alpha, ctx.surrogate, ctx.group_size, ctx.nhwc)
+                grad, *saved, ctx.alpha, ctx.surrogate, ctx.group_size, ctx.nhwc)
         if ctx.nhwc:
             grad_full, grad_base = grad_full.permute(0, 3, 1, 2), grad_base.permute(0, 3, 1, 2)
         return grad_full, grad_base, grad_tau.reshape(ctx.tau_shape).to(ctx.tau_dtype), None, None, None, None, None
