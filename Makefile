@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 # The install pins torch for reproducibility; the package itself needs only torch>=2.1.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-# Data: $CDG_DATA if set, else the shared copy beside this checkout, else ./data.
-CDG_DATA ?= $(firstword $(wildcard $(CURDIR)/../shared/data) $(CURDIR)/data)
+# Data: $CDG_DATA if set, else ./data (as the CLI resolves it); the demo downloads CIFAR-10 there if absent.
+CDG_DATA ?= $(CURDIR)/data
 EPOCHS ?= 3
 RUN ?= runs/demo-cdg
 DEMO_ARGS ?=
@@ -37,7 +37,7 @@ demo: venv
 	@if [ -f $(RUN)/checkpoints/last.ckpt ] && [ ! -f $(RUN)/backbone.pt ]; then \
 	  $(BIN)/cdg pretrain --resume --out $(RUN); \
 	elif [ ! -f $(RUN)/backbone.pt ]; then \
-	  $(BIN)/cdg pretrain --config configs/cpu/simclr_cdg.yaml --out $(RUN) trainer.max_epochs=$(EPOCHS) $(DEMO_ARGS); fi
+	  $(BIN)/cdg pretrain --config configs/cpu/simclr_cdg.yaml --out $(RUN) trainer.max_epochs=$(EPOCHS) data.download=true $(DEMO_ARGS); fi
 	$(BIN)/cdg linear --fast --run $(RUN)
 	$(BIN)/cdg linear --fast --random-init --run $(RUN)
 	$(BIN)/cdg knn --run $(RUN)

@@ -19,7 +19,6 @@ several share one card well).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -94,14 +93,11 @@ def run(rows: list[str], jobs: int = 1) -> None:
     for row in rows:
         out = RESULTS / row
         m = metrics(row)
-        if "backbone.pt" not in {p.name for p in out.glob("*")}:
+        finished = "linear_top1" in m and "knn_top1" in m  # evaluated rows whose weights were not kept
+        if not finished and not (out / "backbone.pt").is_file():
             if (out / "checkpoints" / "last.ckpt").is_file():
                 cdg("pretrain", "--resume", "--out", str(out))
-            else:
-                if out.exists():
-                    import shutil
-
-                    shutil.rmtree(out)  # a run that never reached its first checkpoint
+            else:  # a new row, or one that stopped before its first checkpoint (pretrain starts it over)
                 cdg("pretrain", "--config", BASE, "--out", str(out), *RECIPE, *ROWS[row][2])
             m = metrics(row)
         if m.get("eval_error"):
@@ -116,11 +112,9 @@ def run(rows: list[str], jobs: int = 1) -> None:
 
 
 def _epoch_series(results: Path, row: str, key: str) -> list[tuple[int, float]]:
-    p = results / row / "logs" / "metrics.csv"
-    if not p.is_file():
-        return []
-    with p.open() as f:
-        return [(int(r["epoch"]) + 1, float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+    from cdg.runs import read_log
+
+    return [(int(r["epoch"]) + 1, float(r[key])) for r in read_log(results / row) if r.get(key)]
 
 
 def _table(results: Path) -> list[str]:

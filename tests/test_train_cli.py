@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from cdg.cli import main
 from cdg.config import load_config
+from cdg.runs import read_log
 from cdg.train import pretrain
 
 TINY = ["model.width=0.125", "data.batch_size=32", "data.train_images=256", "trainer.max_epochs=1",
@@ -28,7 +28,7 @@ def test_pretrain_real_cifar_few_steps(cifar10_root, tmp_path, method, mode):
     assert values["pretrain_epochs"] == 1
     if mode != "dense":
         assert 0.0 <= values["train_eta_a1_last_epoch"] <= 1.0
-    logged = [r for r in csv.DictReader((out / "logs" / "metrics.csv").open()) if r.get("monitor/knn_top1")]
+    logged = [r for r in read_log(out) if r.get("monitor/knn_top1")]
     assert logged and 0.0 <= float(logged[-1]["monitor/knn_top1"]) <= 1.0  # the monitor ran and logged
 
 
@@ -37,8 +37,9 @@ def test_cli_pretrain_eval_report_resume(cifar10_root, tmp_path, capsys, monkeyp
     out = tmp_path / "run"
     over = TINY + ["gating.mode=dual", "gating.groups=2", "trainer.max_epochs=1", "trainer.checkpoint_every_n_steps=1"]
     assert main(["pretrain", "--config", "configs/cpu/simclr_cdg.yaml", "--out", str(out), *over]) == 0
-    # the step and the epoch-end checkpoints are one file, so --resume always finds the newest
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["last.ckpt"]
+    # the step and the epoch-end checkpoints are one file, so --resume always finds the newest (the
+    # one it replaced is kept as last.ckpt.prev for the NaN guard)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt", "last.ckpt.prev"]
     assert main(["pretrain", "--config", "configs/cpu/simclr_cdg.yaml", "--out", str(out), *over]) == 2  # exists
     assert "already holds a run" in capsys.readouterr().err
     # resume for one more epoch: continues from the checkpoint (global step keeps counting)
@@ -106,17 +107,25 @@ def test_cli_flops(capsys):
 
 
 def test_finetune_and_sgd_linear_protocols(cifar10_root, tmp_path, monkeypatch, capsys):
-    """Fine-tuning trains tau and keeps gating on a1; the SGD linear probe freezes backbone and gates."""
+    """Fine-tuning trains tau and keeps gating on a1; the SGD linear probe freezes backbone and gates.
+
+    The SGD probe trains on the whole split although pre-training had trainer.limit_train_batches
+    set, and writes its own key (linear_sgd_top1), not the fast probe's (linear_top1)."""
     from cdg.data import load_split
+    from cdg.runs import update_metrics
 
     monkeypatch.setenv("CDG_DATA", str(cifar10_root))
     out = tmp_path / "run"
-    over = TINY + ["gating.mode=dual", "gating.groups=2", "data.batch_size=256"]
+    over = TINY + ["gating.mode=dual", "gating.groups=2", "data.batch_size=128", "trainer.limit_train_batches=1"]
     assert main(["pretrain", "--config", "configs/cpu/simclr_cdg.yaml", "--out", str(out), *over]) == 0
+    assert json.loads((out / "metrics.json").read_text())["pretrain_steps"] == 1
+    update_metrics(out, {"linear_top1": 0.1234})  # stands for a fast-probe result
     before = torch.load(out / "backbone.pt", weights_only=True)
     assert main(["linear", "--run", str(out), "--epochs", "1"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert 0.0 <= m["linear_top1"] <= 1.0 and "SGD, frozen backbone" in m["protocol"]["linear_top1"]["protocol"]
+    assert 0.0 <= m["linear_sgd_top1"] <= 1.0 and "SGD, frozen backbone" in m["protocol"]["linear_sgd_top1"]["protocol"]
+    assert m["linear_top1"] == 0.1234
+    assert max(int(r["step"]) for r in read_log(out / "linear_sgd")) >= 150  # 195 steps of 256 images, not 1
     assert main(["finetune", "--run", str(out), "--epochs", "1"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= m["finetune_top1"] <= 1.0 and m["protocol"]["finetune_top1"]["label_fraction"] == 0.5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from cdg.config import Config
@@ -35,6 +37,11 @@ def build_backbone(cfg: Config) -> nn.Module:
     return create_model(
         m.name, width=m.width, stem=m.stem, zero_init_residual=m.zero_init_residual, conv_layer=conv_layer_for(cfg)
     )
+
+
+def dataset_kwargs(cfg: Config) -> dict[str, Any]:
+    """The dataset options of ``cfg.data`` for :func:`cdg.data.build_dataset` (CIFAR-100's label type)."""
+    return {"label_type": cfg.data.label_type} if cfg.data.dataset == "cifar100" else {}
 
 
 def gating_target(cfg: Config) -> float:

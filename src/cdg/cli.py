@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cdg.config import ConfigError, load_config
+from cdg.fileio import check_writable
 
 
 def _set_threads() -> None:
@@ -27,32 +28,42 @@ def _set_threads() -> None:
 def _eval_sets(cfg, backbone, progress: bool = True, cache: Path | None = None, finite: bool = True):
     """Features, labels and gate statistics of the train and test sets (branch a1, eval mode).
 
-    With ``cache`` (a file in the run directory) they are computed once per backbone: the file is
-    reused while it is newer than the backbone weights it was computed from. With ``finite``,
-    inf/NaN features raise (see :func:`cdg.eval.features.check_finite`).
+    With ``cache`` (a file in the run directory) they are computed once per backbone and data: the
+    file is reused only while its key matches (the backbone weights' content, the dataset and a
+    fingerprint of both splits, precision and layout). With ``finite``, inf/NaN features raise
+    (see :func:`cdg.eval.features.check_finite`).
     """
     import torch
 
-    from cdg.data import build_dataset
+    from cdg.builders import dataset_kwargs
+    from cdg.data import build_train_test, dataset_fingerprint
     from cdg.eval.features import check_finite, extract_features
+    from cdg.fileio import RunFileError, atomic_torch_save, file_digest, load_torch_file
 
+    train, test = build_train_test(cfg.data.dataset, cfg.data.root, cfg.data.download, **dataset_kwargs(cfg))
     weights = cache.parent / "backbone.pt" if cache is not None else None
-    if cache is not None and cache.is_file() and weights.is_file() and cache.stat().st_mtime > weights.stat().st_mtime:
-        tr, te = torch.load(cache, weights_only=False)
-        for feats, _, _ in (tr, te) if finite else ():
-            check_finite(feats, cfg.data.dataset)
-        return tr, te
-    kw = {"label_type": cfg.data.label_type} if cfg.data.dataset == "cifar100" else {}
-    train = build_dataset(cfg.data.dataset, cfg.data.root, "train", cfg.data.download, **kw)
-    test = build_dataset(cfg.data.dataset, cfg.data.root, "test", cfg.data.download, **kw)
+    key = None
+    if cache is not None and weights.is_file():
+        key = {"backbone": file_digest(weights), "dataset": cfg.data.dataset, "train": dataset_fingerprint(train),
+               "test": dataset_fingerprint(test), "bf16": cfg.trainer.bf16, "channels_last": cfg.trainer.channels_last}
+        if cache.is_file():
+            try:
+                stored = load_torch_file(cache, "feature cache", weights_only=False)
+            except RunFileError:
+                stored = None  # a damaged cache is recomputed
+            if isinstance(stored, dict) and stored.get("key") == key:
+                tr, te = stored["train"], stored["test"]
+                for feats, _, _ in (tr, te) if finite else ():
+                    check_finite(feats, cfg.data.dataset)
+                return tr, te
     backbone = backbone.to(cfg.trainer.device())
     if cfg.trainer.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     bf16 = cfg.trainer.bf16
     tr, te = (extract_features(backbone, ds, cfg.data.dataset, cfg.data.eval_batch_size, bf16, cfg.trainer.channels_last,
                                progress, finite) for ds in (train, test))
-    if cache is not None and weights.is_file():
-        torch.save((tr, te), cache)
+    if key is not None:
+        atomic_torch_save({"key": key, "train": tr, "test": te}, cache)
     return tr, te
 
 
@@ -60,8 +71,6 @@ def _sparsity_values(cfg, stats: dict[str, Any], backbone) -> dict[str, Any]:
     """eta on the test set (branch a1, eval mode) and both FLOPs reductions."""
     if not stats:
         return {}
-    from cdg.metrics import flops_reduction_eq13
-
     rep = mac_report(cfg)
     return {
         "eta": stats["eta"], "eta_flop_weighted": stats["eta_flop_weighted"], "eta_per_layer": stats["eta_per_layer"],
@@ -75,7 +84,7 @@ def _nominal_reduction(cfg, eta: float) -> float:
     from cdg.metrics import flops_reduction_eq13
 
     if cfg.gating.mode in ("fbs", "dgc"):
-        return 1.0 / (1.0 - eta)
+        return 1.0 / (1.0 - eta) if eta < 1 else float("inf")
     return flops_reduction_eq13(eta, cfg.gating.groups)
 
 
@@ -108,6 +117,9 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
         if a.config is None:
             raise ConfigError("pretrain needs --config FILE (or --resume with an existing --out)")
         cfg = load_config(a.config, a.overrides)
+    from cdg.builders import build_backbone
+
+    build_backbone(cfg)  # an impossible architecture stops here, before any data is read
     values = pretrain(cfg, out, resume=a.resume)
     print(json.dumps({k: v for k, v in values.items()}, indent=2))
     return 0
@@ -119,6 +131,7 @@ def cmd_knn(a: argparse.Namespace) -> int:
     from cdg.runs import base_protocol, load_run, update_metrics
 
     cfg, backbone = load_run(a.run)
+    check_writable(a.run)
     (trf, try_, _), (tef, tey, stats) = _eval_sets(cfg, backbone, cache=Path(a.run) / "features_a1.pt",
                                                    finite=not a.count_nonfinite)
     acc = knn_accuracy(trf, try_, tef, tey, cfg.eval.knn_k, cfg.eval.knn_temperature)
@@ -131,8 +144,8 @@ def cmd_knn(a: argparse.Namespace) -> int:
     prot = base_protocol(cfg, protocol=name, train_split="train (all)", eval_split="test", label_fraction=1.0,
                          pretrain_epochs=cfg.trainer.max_epochs, branch="a1")
     values.update(_sparsity_values(cfg, stats, backbone))
-    update_metrics(a.run, values, prot)
     _print_result("kNN top-1", acc, prot, values)
+    update_metrics(a.run, values, prot)
     return 0
 
 
@@ -145,6 +158,7 @@ def cmd_linear(a: argparse.Namespace) -> int:
             raise ConfigError("--random-init is available with --fast only")
         return _supervised(a, finetune=False)
     cfg, backbone = load_run(a.run)
+    check_writable(a.run)
     key = "linear_top1"
     if a.random_init:  # the floor: the same probe on a randomly initialised backbone of this config
         import torch
@@ -165,8 +179,8 @@ def cmd_linear(a: argparse.Namespace) -> int:
         values = {key: acc}
     else:
         values = {key: acc, "linear_wall_s": time.time() - t0, **_sparsity_values(cfg, stats, backbone)}
-    update_metrics(a.run, values, prot)
     _print_result("linear top-1" + (" (random-init backbone)" if a.random_init else ""), acc, prot, values)
+    update_metrics(a.run, values, prot)
     return 0
 
 
@@ -177,22 +191,24 @@ def _supervised(a: argparse.Namespace, finetune: bool) -> int:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from cdg.data import TensorImageDataset, build_dataset, save_split, stratified_subset
+    from cdg.builders import dataset_kwargs
+    from cdg.data import TensorImageDataset, build_train_test, save_split, stratified_subset
     from cdg.eval.supervised import SupervisedHead, evaluate_classifier
     from cdg.nn import gate_statistics, reset_gate_stats
     from cdg.runs import base_protocol, load_run, update_metrics
     from cdg.train import BatchedTensorDataset, _as_batch, build_trainer
 
     cfg, backbone = load_run(a.run)
+    check_writable(a.run)
     cfg = copy.deepcopy(cfg)
+    # evaluation trains on its whole split: pre-training's batch limit is not an evaluation setting
+    cfg.trainer.limit_train_batches = None
     if a.epochs is not None:
         if finetune:
             cfg.eval.finetune_epochs = a.epochs
         else:
             cfg.eval.linear_epochs = a.epochs
-    kw = {"label_type": cfg.data.label_type} if cfg.data.dataset == "cifar100" else {}
-    train = build_dataset(cfg.data.dataset, cfg.data.root, "train", cfg.data.download, **kw)
-    test = build_dataset(cfg.data.dataset, cfg.data.root, "test", cfg.data.download, **kw)
+    train, test = build_train_test(cfg.data.dataset, cfg.data.root, cfg.data.download, **dataset_kwargs(cfg))
     if not isinstance(train, TensorImageDataset):
         raise ConfigError(f"fine-tuning and the SGD linear protocol support in-memory datasets (CIFAR) only, not {cfg.data.dataset}")
     fraction = cfg.eval.finetune_fraction if finetune else 1.0
@@ -200,7 +216,9 @@ def _supervised(a: argparse.Namespace, finetune: bool) -> int:
         idx = stratified_subset(train.targets, fraction, cfg.eval.split_seed)
         save_split(Path(a.run) / "finetune_split.json", idx, fraction=fraction, seed=cfg.eval.split_seed)
         train = train.subset(idx)
-    loader = DataLoader(BatchedTensorDataset(train), batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
+    # the SGD probe has its own batch size (eval.linear_batch_size); fine-tuning uses pre-training's
+    batch = cfg.data.batch_size if finetune else cfg.eval.linear_batch_size
+    loader = DataLoader(BatchedTensorDataset(train), batch_size=batch, shuffle=True, drop_last=True,
                         collate_fn=_as_batch)
     model = SupervisedHead(cfg, backbone, len(train.classes), finetune, len(loader))
     if cfg.trainer.channels_last:
@@ -214,9 +232,9 @@ def _supervised(a: argparse.Namespace, finetune: bool) -> int:
     reset_gate_stats(model.backbone)
     acc = evaluate_classifier(model, test, cfg.data.eval_batch_size)
     stats = gate_statistics(model.backbone, "eval")
-    key = "finetune_top1" if finetune else "linear_top1"
+    key = "finetune_top1" if finetune else "linear_sgd_top1"
     name = (f"fine-tune (SGD lr {cfg.eval.finetune_lr}, cosine, wd {cfg.eval.finetune_weight_decay}, gating active, tau trained to s)"
-            if finetune else f"linear probe (SGD, frozen backbone and gates, lr {cfg.eval.linear_lr}, steps at {cfg.eval.linear_milestones})")
+            if finetune else f"linear probe (SGD, frozen backbone and gates, batch {batch}, lr {cfg.eval.linear_lr}, steps at {cfg.eval.linear_milestones})")
     prot = base_protocol(cfg, protocol=name, train_split=f"train, stratified {fraction:.0%} (seed {cfg.eval.split_seed})",
                          eval_split="test", label_fraction=fraction, pretrain_epochs=cfg.trainer.max_epochs,
                          epochs=epochs, branch="a1")
@@ -224,12 +242,15 @@ def _supervised(a: argparse.Namespace, finetune: bool) -> int:
     if finetune and stats:
         sp = _sparsity_values(cfg, stats, model.backbone)
         values.update({f"finetune_{k}": v for k, v in sp.items()})
-        torch_save = __import__("torch").save
-        torch_save(model.backbone.state_dict(), Path(a.run) / "finetuned_backbone.pt")
     elif stats:
         values.update(_sparsity_values(cfg, stats, model.backbone))
+    label = "fine-tune top-1" if finetune else "linear probe (SGD) top-1"
+    _print_result(label, acc, prot, {k.replace("finetune_", ""): v for k, v in values.items()})
+    if finetune:
+        from cdg.fileio import atomic_torch_save
+
+        atomic_torch_save(model.backbone.state_dict(), Path(a.run) / "finetuned_backbone.pt")
     update_metrics(a.run, values, prot)
-    _print_result(key.replace("_top1", " top-1"), acc, prot, {k.replace("finetune_", ""): v for k, v in values.items()})
     return 0
 
 
@@ -247,13 +268,16 @@ def _print_result(label: str, acc: float, prot: dict[str, Any], values: dict[str
 
 
 def cmd_flops(a: argparse.Namespace) -> int:
-    from cdg.metrics import flops_reduction_eq13
     from cdg.runs import read_metrics
 
     cfg = load_config(a.config, a.overrides)
     rep = mac_report(cfg)
     out: dict[str, Any] = {"config": a.config, **rep.to_dict()}
     eta: Any = a.eta
+    if eta is not None and not 0.0 <= eta <= 1.0:
+        raise ConfigError(f"--eta is a fraction of the conditional path that is skipped: expected 0 <= eta <= 1, got {eta}")
+    if eta is not None and eta >= 1.0 and cfg.gating.mode in ("fbs", "dgc"):
+        raise ConfigError(f"--eta {eta}: {cfg.gating.mode} always keeps some channels (gating.keep_ratio > 0); expected eta < 1")
     if a.run:
         eta = read_metrics(a.run).get("eta_per_layer")
         if eta is None:
@@ -279,6 +303,7 @@ def cmd_flops(a: argparse.Namespace) -> int:
 
 REPORT_KEYS = (
     ("linear_top1", "linear probe top-1", "%"), ("linear_top1_random_init", "same probe, random-init backbone", "%"),
+    ("linear_sgd_top1", "linear probe (SGD) top-1", "%"),
     ("knn_top1", "kNN top-1", "%"), ("finetune_top1", "fine-tune top-1", "%"), ("eta", "eta (test, a1)", "%"),
     ("flops_reduction_eq13", "FLOPs reduction Eq. 13", "x"), ("flops_reduction_exact", "FLOPs reduction exact", "x"),
     ("pretrain_wall_s", "pre-training wall time", "s"), ("pretrain_images_per_s", "pre-training throughput", "img/s"),
@@ -303,8 +328,10 @@ def cmd_report(a: argparse.Namespace) -> int:
         desc = "; ".join(f"{k}={v}" for k, v in p.items())
         lines.append(f"| {label} | {val} | {desc} |")
     text = "\n".join(lines) + "\n"
-    (Path(a.run) / "report.md").write_text(text)
     print(text)
+    from cdg.fileio import atomic_write_text
+
+    atomic_write_text(Path(a.run) / "report.md", text)
     return 0
 
 
@@ -319,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_pretrain)
     for name, fn, helptext in (("linear", cmd_linear, "linear probe of a run's frozen backbone (SGD protocol, or --fast)"),
                                ("knn", cmd_knn, "kNN accuracy of a run's frozen backbone"),
-                               ("finetune", cmd_finetune, "fine-tune on a stratified label fraction (50%) with gating active")):
+                               ("finetune", cmd_finetune, "fine-tune on a stratified label fraction (50%%) with gating active")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--run", required=True)
         if name in ("linear", "finetune"):
@@ -344,24 +371,45 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_flops)
     a, extra = p.parse_known_args(argv)
     # argparse stops filling `overrides` at the first option, so `--config X a=1 --out Y b=2` leaves b=2 over
-    if extra and hasattr(a, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        a.overrides += extra
-    elif extra:
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    if overrides and hasattr(a, "overrides"):
+        a.overrides += overrides
+        extra = [e for e in extra if e not in overrides]
+    if extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     _set_threads()
+    from cdg.data import DataError
+    from cdg.eval.features import NonFiniteFeaturesError
+    from cdg.fileio import RunFileError
+    from cdg.train import NonFiniteLossError
+
     try:
         return a.fn(a)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, PermissionError, RunFileError, NonFiniteFeaturesError) as e:
+        print(f"cdg {a.cmd}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"cdg {a.cmd}: data error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"cdg {a.cmd}: error: {e}", file=sys.stderr)
+        return 3
+    except OSError as e:  # e.g. the disk filled up while writing a result
         print(f"cdg {a.cmd}: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
-        from cdg.data import DataError
-        from cdg.eval.features import NonFiniteFeaturesError
 
-        if isinstance(e, (DataError, NonFiniteFeaturesError)):
-            print(f"cdg {a.cmd}: {'data error' if isinstance(e, DataError) else 'error'}: {e}", file=sys.stderr)
-            return 2
-        raise
+
+def _one_line(e: BaseException) -> str:
+    """The error's own message: an error raised in a DataLoader worker arrives with the worker's
+    traceback inside its message ("Caught DataError in DataLoader worker process 0. Original
+    Traceback ..."); keep the original message only."""
+    text = str(e)
+    if "Original Traceback" in text:
+        name = type(e).__name__
+        tail = [ln for ln in text.strip().splitlines() if ln.split(":", 1)[0].endswith(name)]
+        if tail:
+            return tail[-1].split(":", 1)[1].strip()
+    return text.strip()
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ class TrainerConfig:
     strategy: str = "auto"
     channels_last: bool = True
     seed: int = 0
-    limit_train_batches: Optional[float] = None
+    # Lightning's meaning: an integer counts batches per epoch, a float <= 1.0 is a fraction of the epoch
+    limit_train_batches: Any = None
     log_every_n_steps: int = 20
     checkpoint_every_n_steps: int = 200  # also at every epoch end
     monitor_every_n_epochs: int = 1  # kNN accuracy and mask similarity S_c
@@ -138,6 +139,16 @@ class TrainerConfig:
         ``accelerator`` allows one and CUDA is available, else the CPU."""
         use_gpu = torch.cuda.is_available() and self.accelerator in ("auto", "gpu", "cuda")
         return torch.device("cuda" if use_gpu else "cpu")
+
+    def check_runtime(self) -> None:
+        """ConfigError for settings this machine cannot run: a GPU accelerator without CUDA, or
+        ``16-mixed`` on a CPU (Lightning would silently run bf16 there instead)."""
+        if self.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={self.accelerator} but no CUDA GPU is available here; "
+                              "use trainer.accelerator=auto or cpu")
+        if self.precision == "16-mixed" and self.device().type == "cpu":
+            raise ConfigError("trainer.precision=16-mixed needs a CUDA GPU (on a CPU it would run as bf16); "
+                              "use trainer.precision=auto, 32-true or bf16-mixed")
 
     @property
     def bf16(self) -> bool:
@@ -184,8 +195,14 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the config as YAML, atomically (a kill leaves the old file or the new one)."""
+        from cdg.fileio import atomic_write_text
+
+        atomic_write_text(path, self.to_yaml())
 
 
 # --- loading and validation --------------------------------------------------------------------
@@ -249,18 +266,95 @@ def _fill(obj: Any, values: dict[str, Any], prefix: str) -> None:
             setattr(obj, k, _coerce(v, hints[k], key))
 
 
+def _check_range(key: str, value: Any, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, what: str = "") -> None:
+    """ConfigError unless ``value`` is a finite number within the bounds (open or closed)."""
+    import math
+
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        raise ConfigError(f"'{key}' must be a finite number {bounds}{what}, got {value!r}")
+
+
 def _validate(cfg: Config) -> None:
-    g = cfg.gating
+    """Reject values that cannot run or make no sense, naming the key and what is expected."""
+    from cdg.models.resnet import stage_widths
+
+    g, t, d, o, m, e = cfg.gating, cfg.trainer, cfg.data, cfg.optim, cfg.method, cfg.eval
     if g.mode != "dense" and g.groups not in (1, 2, 4, 8):
         raise ConfigError(f"invalid value {g.groups!r} for 'gating.groups'; valid: 1, 2, 4, 8")
+    _check_range("model.width", cfg.model.width, 0, low_open=True)
+    if g.mode in ("dual", "shared_base", "unified"):
+        if g.group_size < 1:
+            raise ConfigError(f"'gating.group_size' must be >= 1, got {g.group_size}")
+        for c in stage_widths(cfg.model.width):
+            if c % g.groups or (c // g.groups) % g.group_size:
+                raise ConfigError(
+                    f"model.width={cfg.model.width:g} gives stages of {stage_widths(cfg.model.width)} channels; "
+                    f"{c} is not divisible by gating.groups={g.groups} x gating.group_size={g.group_size}: "
+                    "choose a width whose stage channels (64, 128, 256, 512 times the width) are multiples of G*C_g")
+    _check_range("gating.lam", g.lam, 0, what=" (the weight of Eq. 11's regulariser)")
+    _check_range("gating.alpha", g.alpha, 0, low_open=True)
+    _check_range("gating.target", g.target)
+    _check_range("gating.tau_init", g.tau_init)
+    _check_range("gating.predictor_loss", g.predictor_loss, 0)
+    if g.ramp_epochs < 0:
+        raise ConfigError(f"'gating.ramp_epochs' must be >= 0, got {g.ramp_epochs}")
+    if g.squeeze < 1:
+        raise ConfigError(f"'gating.squeeze' must be >= 1, got {g.squeeze}")
+    if t.max_epochs < 1:
+        raise ConfigError(f"'trainer.max_epochs' must be >= 1, got {t.max_epochs}")
+    lim = t.limit_train_batches
+    if lim is not None:
+        if isinstance(lim, bool) or not isinstance(lim, (int, float)):
+            raise ConfigError(f"'trainer.limit_train_batches' must be a number (batches, or a fraction <= 1.0), got {lim!r}")
+        _check_range("trainer.limit_train_batches", lim, 0, low_open=True,
+                     what=" (a fraction <= 1 of the epoch, or a whole number of batches)")
+        if lim > 1 and float(lim) != int(lim):
+            raise ConfigError(f"'trainer.limit_train_batches' above 1 counts batches and must be a whole number, got {lim}")
+    for key, value, low in (("trainer.log_every_n_steps", t.log_every_n_steps, 1),
+                            ("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, 0),
+                            ("trainer.monitor_every_n_epochs", t.monitor_every_n_epochs, 0),
+                            ("trainer.monitor_images", t.monitor_images, 1),
+                            ("trainer.nan_check_every_n_steps", t.nan_check_every_n_steps, 1),
+                            ("trainer.num_nodes", t.num_nodes, 1),
+                            ("data.num_workers", d.num_workers, 0), ("data.eval_batch_size", d.eval_batch_size, 1),
+                            ("method.queue_size", m.queue_size, 1), ("method.proj_hidden_dim", m.proj_hidden_dim, 1),
+                            ("method.proj_output_dim", m.proj_output_dim, 1), ("method.pred_hidden_dim", m.pred_hidden_dim, 1),
+                            ("eval.linear_epochs", e.linear_epochs, 1), ("eval.finetune_epochs", e.finetune_epochs, 1),
+                            ("eval.linear_batch_size", e.linear_batch_size, 1), ("eval.knn_k", e.knn_k, 1),
+                            ("eval.fast_linear_max_iter", e.fast_linear_max_iter, 1)):
+        if value < low:
+            raise ConfigError(f"'{key}' must be >= {low}, got {value}")
+    if d.train_images is not None and d.train_images < 1:
+        raise ConfigError(f"'data.train_images' must be >= 1 (or null for the whole training set), got {d.train_images}")
+    # a learning rate of 1e3 or more diverges at once in every recipe here; it is a typo, not a setting
+    _check_range("optim.lr", o.lr, 0, 1e3, low_open=True, high_open=True)
+    _check_range("optim.weight_decay", o.weight_decay, 0)
+    _check_range("optim.momentum", o.momentum, 0, 1, high_open=True)
+    _check_range("optim.lars_eta", o.lars_eta, 0, low_open=True)
+    _check_range("optim.warmup_epochs", o.warmup_epochs, 0)
+    _check_range("method.temperature", m.temperature, 0, low_open=True)
+    _check_range("method.base_momentum", m.base_momentum, 0, 1)
+    _check_range("method.final_momentum", m.final_momentum, 0, 1)
+    _check_range("eval.linear_lr", e.linear_lr, 0, low_open=True)
+    _check_range("eval.finetune_lr", e.finetune_lr, 0, low_open=True)
+    _check_range("eval.fast_linear_l2", e.fast_linear_l2, 0)
+    _check_range("eval.knn_temperature", e.knn_temperature, 0, low_open=True)
+    _check_range("eval.finetune_weight_decay", e.finetune_weight_decay, 0)
     if g.overlap and (g.mode != "dual" or g.groups != 4):
         raise ConfigError("'gating.overlap' (Table 2) needs gating.mode=dual and gating.groups=4")
     if g.keep_ratio is not None and not 0 < g.keep_ratio <= 1:
         raise ConfigError(f"'gating.keep_ratio' must be in (0, 1], got {g.keep_ratio}")
     if g.target_sparsity is not None and not 0 < g.target_sparsity < 1:
         raise ConfigError(f"'gating.target_sparsity' must be in (0, 1), got {g.target_sparsity}")
-    if cfg.model.width <= 0:
-        raise ConfigError(f"'model.width' must be > 0, got {cfg.model.width}")
     if cfg.data.batch_size < 2:
         raise ConfigError("'data.batch_size' must be at least 2 for contrastive learning")
     if not 0 < cfg.eval.finetune_fraction <= 1:
@@ -288,7 +382,8 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
 def _read_yaml(p: Path, cfg: Config, seen: tuple[Path, ...] = ()) -> None:
     """Fill ``cfg`` from ``p``; a top-level ``base: FILE`` (relative to ``p``) is applied first."""
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        named_by = f" (named by 'base: ...' in {seen[-1]})" if seen else ""
+        raise ConfigError(f"config file not found: {p}{named_by}")
     if p.resolve() in seen:
         raise ConfigError(f"config file {p} includes itself through 'base'")
     try:
@@ -326,3 +421,42 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     _fill(cfg, values, "")
     _validate(cfg)
     return cfg
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"section.key": value}`` for every setting of ``cfg``."""
+    out: dict[str, Any] = {}
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            out[section] = values
+    return out
+
+
+#: Settings that may change when a run is resumed: how the run is executed, observed and evaluated,
+#: and its length. Everything else (the architecture, the gating, the method, the optimiser, the
+#: data, the seed, the global batch) would make the resumed run a different experiment.
+RESUMABLE_KEYS: frozenset[str] = frozenset({
+    "name", "trainer.max_epochs", "trainer.precision", "trainer.accelerator", "trainer.strategy",
+    "trainer.channels_last", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps",
+    "trainer.monitor_every_n_epochs", "trainer.monitor_images", "trainer.nan_check_every_n_steps",
+    "trainer.progress_bar", "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
+    "gating.compile_gate", "gating.base_conv", "gating.gate_kernel",  # the same values, computed differently
+}) | {f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)}
+
+
+def resume_changes(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ between a run's saved config and the one it is resumed with.
+
+    ConfigError when any of them is outside :data:`RESUMABLE_KEYS`.
+    """
+    old, cur = flatten(saved), flatten(new)
+    changed = {k: (old.get(k), cur[k]) for k in cur if old.get(k) != cur[k]}
+    refused = sorted(k for k in changed if k not in RESUMABLE_KEYS)
+    if refused:
+        what = ", ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+        raise ConfigError(f"--resume cannot change {what}: the run was trained with the saved values. "
+                          "Start a new run (another --out) for different settings; on resume only the run's "
+                          "length, precision, logging, checkpointing, data location and evaluation settings may change")
+    return changed

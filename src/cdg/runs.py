@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import torch
 
 from cdg.builders import build_backbone
 from cdg.config import Config, load_config
+from cdg.fileio import RunFileError, atomic_write_text, load_torch_file
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, Any]:
@@ -28,9 +29,7 @@ def update_metrics(run_dir: str | Path, values: dict[str, Any], protocol: dict[s
         prot = m.setdefault("protocol", {})
         for k in values:
             prot[k] = protocol
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(m, indent=2, sort_keys=True))
-    os.replace(tmp, p)
+    atomic_write_text(p, json.dumps(m, indent=2, sort_keys=True))
     return m
 
 
@@ -43,15 +42,48 @@ def load_run(run_dir: str | Path) -> tuple[Config, torch.nn.Module]:
     backbone = build_backbone(cfg)
     weights = run / "backbone.pt"
     if weights.is_file():
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_torch_file(weights, "backbone weights")
     else:
         ckpt = run / "checkpoints" / "last.ckpt"
         if not ckpt.is_file():
             raise FileNotFoundError(f"{run} has neither backbone.pt nor checkpoints/last.ckpt: pre-training has not saved yet")
-        sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        sd = load_torch_file(ckpt, "checkpoint", weights_only=False).get("state_dict", {})
         state = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    backbone.load_state_dict(state)
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as e:
+        src = weights if weights.is_file() else run / "checkpoints" / "last.ckpt"
+        raise RunFileError(f"{src} does not match {run / 'config.yaml'} (other architecture or gating): "
+                           f"{str(e).splitlines()[0]}") from None
     return cfg, backbone
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, str]]:
+    """The rows of a run's training log (``logs/metrics.csv``), across resumes.
+
+    Each resume keeps the previous attempt's log as ``logs/metrics.attempt-K.csv`` and records in
+    ``logs/attempts.json`` the step it resumed from; rows an attempt logged at or after that step
+    were lost work (after its last checkpoint) and are replaced by the next attempt's.
+    """
+    logs = Path(run_dir) / "logs"
+    index = logs / "attempts.json"
+    parts = [(logs / a["file"], a["superseded_from_step"]) for a in (json.loads(index.read_text()) if index.is_file() else [])]
+    parts.append((logs / "metrics.csv", None))
+    rows: list[dict[str, str]] = []
+    for path, cut in parts:
+        if not path.is_file():
+            continue
+        with path.open(newline="") as f:
+            new = [r for r in csv.DictReader(f) if cut is None or _step(r) < cut]
+        rows.extend(new)
+    return rows
+
+
+def _step(row: dict[str, str]) -> int:
+    try:
+        return int(float(row.get("step") or -1))
+    except ValueError:
+        return -1
 
 
 def base_protocol(cfg: Config, **extra: Any) -> dict[str, Any]:

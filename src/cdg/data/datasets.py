@@ -52,6 +52,8 @@ __all__ = [
     "FolderImageDataset",
     "TransformedDataset",
     "build_dataset",
+    "build_train_test",
+    "dataset_fingerprint",
     "load_cifar_arrays",
     "imagenet100_classes",
     "IMAGE_EXTENSIONS",
@@ -524,7 +526,7 @@ def _missing_message(
     tried = "\n".join(f"  - {p}" for p in looked)
     how = [
         "pass data.download=true to let torchvision download it" if download_ok else None,
-        f"or point --data-root / CDG_DATA at a folder holding {name}/ ({{train,test}}/<class>/"
+        f"or set data.root= (or $CDG_DATA) to a folder holding {name}/ ({{train,test}}/<class>/"
         f"images) or {name}.tar.gz",
     ]
     return (
@@ -735,7 +737,7 @@ def _build_imagenet100(root: str | os.PathLike[str] | None, split: str) -> Folde
         f"Looked for:\n  - {own.absolute()}/<wnid>/ (ImageNet-100 image folders)\n"
         f"  - {full.absolute()}/<wnid>/ "
         "(full ImageNet, restricted to the 100 classes)\nTo get it: download ImageNet (ILSVRC-2012) "
-        "yourself (it cannot be downloaded automatically) and point --data-root / CDG_DATA at the "
+        "yourself (it cannot be downloaded automatically) and set data.root= (or $CDG_DATA) to the "
         "folder holding imagenet100/ or imagenet/"
     )
 
@@ -795,6 +797,43 @@ def _synthetic(n: int, seed: int, split: str) -> TensorImageDataset:
 
 # --------------------------------------------------------------------------------------------
 # entry point
+
+
+def dataset_fingerprint(ds: Dataset[tuple[Tensor, int]]) -> str:
+    """What identifies the data of ``ds``: a hash of its images and labels (in memory), or of its
+    files' paths, labels, sizes and modification times (image folders), and its class names.
+
+    Used to key caches computed from the data (e.g. a run's feature cache), so that a cache is not
+    reused after the data changed."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(list(getattr(ds, "classes", []))).encode())
+    if isinstance(ds, TensorImageDataset):
+        h.update(str(tuple(ds.images.shape)).encode())
+        h.update(ds.images.contiguous().numpy().tobytes())
+        h.update(ds.targets.numpy().tobytes())
+        return f"tensor:{len(ds)}:{h.hexdigest()}"
+    if isinstance(ds, FolderImageDataset):
+        h.update(_tree_signature(ds.samples).encode())
+        return f"folder:{len(ds)}:{h.hexdigest()}"
+    raise TypeError(f"dataset_fingerprint: unsupported dataset type {type(ds).__name__}")
+
+
+def build_train_test(
+    name: str, root: str | os.PathLike[str] | None = None, download: bool = False, **kw: Any
+) -> tuple[Dataset[tuple[Tensor, int]], Dataset[tuple[Tensor, int]]]:
+    """The train and test splits of dataset ``name`` (see :func:`build_dataset`), checked to have the
+    same class list: a renamed, missing or extra class folder in one split would shift every label."""
+    train = build_dataset(name, root, "train", download, **kw)
+    test = build_dataset(name, root, "test", download, **kw)
+    a, b = list(train.classes), list(test.classes)  # type: ignore[attr-defined]
+    if a != b:
+        only_train, only_test = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        detail = (f"only in train: {only_train[:5]}, only in test: {only_test[:5]}" if only_train or only_test
+                  else "same names in a different order")
+        raise DataError(f"{name} at {resolve_data_root(root)}: the train and test splits have different class lists "
+                        f"({len(a)} vs {len(b)} classes; {detail}); labels would not match. Make both splits hold the same "
+                        "class folders")
+    return train, test
 
 
 def build_dataset(

@@ -6,6 +6,7 @@ separate backbone calls: SPEC section 2) and may add heads. Nothing here knows t
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -18,6 +19,9 @@ from cdg.config import Config
 from cdg.data import BatchAugment, augment_preset
 from cdg.nn import pop_aux_losses, set_pruning_progress, sparsity_objective, threshold_layers
 from cdg.optim import LARS, build_warmup_cosine_scheduler, split_params_for_lars
+from cdg.optim.schedule import WarmupCosineFactor
+
+log = logging.getLogger("cdg")
 
 
 class SSLMethod(L.LightningModule):
@@ -36,12 +40,17 @@ class SSLMethod(L.LightningModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Batched augmentation on the training device (SPEC 7): uint8 images -> two views."""
         images, labels = batch
-        if self._trainer is not None and self._trainer.training and images.dtype == torch.uint8:
+        if self._trainer is None or not self._trainer.training:
+            return batch
+        if isinstance(images, (list, tuple)):  # per-image path: the workers already made (view 1, view 2)
+            v1, v2 = images
+        elif images.dtype == torch.uint8:
             v1, v2 = self.augment.two_views(images)
-            if self.cfg.trainer.channels_last:
-                v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
-            return (v1, v2), labels
-        return batch
+        else:
+            return batch
+        if self.cfg.trainer.channels_last:
+            v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
+        return (v1, v2), labels
 
     # --- forward and loss ------------------------------------------------------------------
     def forward(self, x: Tensor, branch: int = 0) -> Tensor:
@@ -59,10 +68,36 @@ class SSLMethod(L.LightningModule):
         frac = min(1.0, self.global_step / (ramp * self.steps_per_epoch))
         return self.cfg.gating.tau_init + frac * (self.target - self.cfg.gating.tau_init)
 
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (one process): ``trainer.max_epochs`` x steps per epoch."""
+        return max(1, self.cfg.trainer.max_epochs * self.steps_per_epoch)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """DGC pruning-rate ramp (SPEC 5): fraction of training done, on every module (MoCo key encoder too)."""
-        total = max(1, self.cfg.trainer.max_epochs * self.steps_per_epoch)
-        set_pruning_progress(self, min(1.0, self.global_step / total))
+        set_pruning_progress(self, min(1.0, self.global_step / self.total_steps))
+
+    def on_train_start(self) -> None:
+        """A run resumed with a different ``trainer.max_epochs``: the restored schedule still ends at
+        the old length (a finished run would go on at lr = 0). Its horizon is set to the new length,
+        so from the resume step on the lr is the warm-up-cosine of a run planned with the new length
+        (for a longer run, the lr rises from the old schedule's value to the new one's at that step)."""
+        for conf in self.trainer.lr_scheduler_configs:
+            sched = conf.scheduler
+            factors = getattr(sched, "lr_lambdas", [])
+            changed = False
+            for f in factors:
+                if isinstance(f, WarmupCosineFactor) and f.total_steps != self.total_steps:
+                    old, f.total_steps = f.total_steps, self.total_steps
+                    f.warmup_steps = min(f.warmup_steps, self.total_steps - 1)
+                    changed = True
+            if changed:
+                step = sched.last_epoch
+                for group, base, f in zip(sched.optimizer.param_groups, sched.base_lrs, factors):
+                    group["lr"] = base * f(step)
+                sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+                log.warning("learning-rate schedule extended from %d to %d steps at step %d (trainer.max_epochs=%d)",
+                            old, self.total_steps, step, self.cfg.trainer.max_epochs)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         (v1, v2), _ = batch
@@ -101,7 +136,7 @@ class SSLMethod(L.LightningModule):
             opt = LARS(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, eta=o.lars_eta)
         else:
             opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        total = max(1, self.cfg.trainer.max_epochs * self.steps_per_epoch)
+        total = self.total_steps
         warm = min(total - 1, int(math.ceil(o.warmup_epochs * self.steps_per_epoch)))
         sched = build_warmup_cosine_scheduler(opt, warmup_steps=warm, total_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -46,8 +46,7 @@ class MoCoV2Plus(SSLMethod):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """EMA update of the key encoder after each optimiser step, momentum on a cosine schedule."""
-        total = max(1, self.cfg.trainer.max_epochs * self.steps_per_epoch)
-        self.momentum = cosine_momentum(self.global_step, total, self.cfg.method.base_momentum, self.cfg.method.final_momentum)
+        self.momentum = cosine_momentum(self.global_step, self.total_steps, self.cfg.method.base_momentum, self.cfg.method.final_momentum)
         momentum_update(self.backbone, self.momentum_backbone, self.momentum, copy_buffers=False)
         momentum_update(self.projector, self.momentum_projector, self.momentum, copy_buffers=False)
         self.log("train/momentum", self.momentum, on_step=True, on_epoch=False)
