@@ -293,7 +293,7 @@ def test_missing_dataset_names_every_place(tmp_path: Path, monkeypatch: pytest.M
     msg = str(err.value)
     for place in ("cifar-10-batches-py", "cifar10/{train,test}", "cifar10.tar.gz", "cifar10.tar"):
         assert f"{root}/{place}" in msg, (place, msg)
-    assert "data.download=true" in msg and "CDG_DATA" in msg and "--data-root" in msg
+    assert "data.download=true" in msg and "CDG_DATA" in msg and "data.root=" in msg and "--data-root" not in msg
 
     monkeypatch.setenv("CDG_DATA", str(tmp_path / "env-root"))
     with pytest.raises(DataError, match=r"CDG_DATA") as err:
