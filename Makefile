@@ -10,7 +10,7 @@ EPOCHS ?= 3
 RUN ?= runs/demo-cdg
 DEMO_ARGS ?=
 export CDG_DATA
-# glibc malloc costs 20-30% of a CPU training run here (SPEC section 7).
+# glibc malloc costs a large share of a CPU training run (docs/design.md §7).
 export MALLOC_MMAP_MAX_ = 0
 export MALLOC_TRIM_THRESHOLD_ = 68719476736
 export MALLOC_TOP_PAD_ = 1073741824

@@ -1,6 +1,6 @@
 """The CPU-scale evidence of docs/results.md: run the rows, then regenerate the page from the runs.
 
-One fixed recipe for every row (SPEC section 7's proxy, `configs/cpu/simclr_dense.yaml`, cut to the
+One fixed recipe for every row (the CPU proxy recipe (docs/design.md §7), `configs/cpu/simclr_dense.yaml`, cut to the
 RECIPE overrides below): ResNet-18 at 0.25x width, CIFAR stem, batch 256, 4 epochs over all 50k
 CIFAR-10 training images, fp32, seed 0; only the method and the gating change, never tuned per row. Each row is
 pre-trained, then probed (`cdg linear --fast`: logistic regression on standardised frozen features
@@ -30,8 +30,8 @@ RESULTS = ROOT / "results" / "cpu"
 DOCS = ROOT / "docs"
 BASE = "configs/cpu/simclr_dense.yaml"
 # The session that measured these rows ran on an AVX2-only CPU (no native bf16: bf16 autocast was
-# 11x *slower* than fp32 there, benchmarks/bench_precision.py), slower than SPEC section 7's host, so the fixed recipe is
-# SPEC's proxy cut to 4 epochs, in fp32, with the kNN / S_c monitor every 2 epochs.
+# 11x *slower* than fp32 there, benchmarks/bench_precision.py), slower than the host the recipe was first sized on, so the fixed recipe is
+# the CPU proxy recipe cut to 4 epochs, in fp32, with the kNN / S_c monitor every 2 epochs.
 RECIPE = ["trainer.max_epochs=4", "trainer.precision=32-true", "trainer.monitor_every_n_epochs=2",
           "trainer.progress_bar=false"]
 
@@ -47,7 +47,7 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "simclr_overlap50_g4": ("T2", "SimCLR + CDG, 50% base-path overlap, G=4", ["gating.mode=dual", "gating.groups=4", "gating.overlap=50"]),
     "simclr_cdg_g4_cg4": ("T5", "SimCLR + structured CDG, C_g=4, G=4", ["gating.mode=dual", "gating.groups=4", "gating.group_size=4"]),
     "simclr_fbs": ("T6", "SimCLR + FBS (keep 0.5 of output channels)", ["gating.mode=fbs", "gating.keep_ratio=0.5"]),
-    "simclr_fbs_scalefree": ("T6", "SimCLR + FBS, predictor on the RMS-normalised pooled input (not SPEC 5: see findings)", ["gating.mode=fbs", "gating.keep_ratio=0.5", "gating.scale_free_saliency=true"]),
+    "simclr_fbs_scalefree": ("T6", "SimCLR + FBS, predictor on the RMS-normalised pooled input (not the design §5 form: see findings)", ["gating.mode=fbs", "gating.keep_ratio=0.5", "gating.scale_free_saliency=true"]),
     "simclr_dgc": ("T6", "SimCLR + DGC (4 heads, keep 0.45 of input channels)", ["gating.mode=dgc", "gating.groups=4", "gating.keep_ratio=0.45"]),
     "mocov2_dense": ("T7", "MoCo V2+ dense", ["method.name=mocov2", "optim.name=sgd", "optim.lr=0.3", "optim.weight_decay=1e-4", "method.queue_size=32768"]),
     "mocov2_cdg_g4": ("T7", "MoCo V2+ + CDG, G=4", ["method.name=mocov2", "optim.name=sgd", "optim.lr=0.3", "optim.weight_decay=1e-4", "method.queue_size=32768", "gating.mode=dual", "gating.groups=4"]),
@@ -157,7 +157,7 @@ def report() -> None:
         "`results/cpu/` (rows are produced by `python scripts/cpu_results.py [--results DIR] run [--jobs N] [ROW ...]`).",
         "**Recipe, the same for every row and not tuned per method:** ResNet-18 at 0.25x width, CIFAR stem,",
         "batch 256, 4 epochs over all 50,000 CIFAR-10 training images, fp32 weights and activations,",
-        "channels_last, LARS for SimCLR (SGD for MoCo V2+ and SimSiam, SPEC section 6 learning rates), 1",
+        "channels_last, LARS for SimCLR (SGD for MoCo V2+ and SimSiam, design §6 learning rates), 1",
         "warm-up epoch then cosine, temperature 0.2, no blur, seed 0; CDG target s = 1.0, lambda = 1e-4.",
         "**Probe:** logistic regression (L-BFGS) on standardised frozen features (branch a1, eval mode) of",
         "the un-augmented 50k training images, scored on the real 10k CIFAR-10 test set. kNN: k = 200,",

@@ -1,4 +1,4 @@
-"""FBS and DGC baselines (SPEC section 5; paper Sec. 5.2, Tables 6-7) against hand-written references."""
+"""FBS and DGC baselines (docs/design.md §5; paper Sec. 5.2, Tables 6-7) against hand-written references."""
 
 from __future__ import annotations
 
@@ -266,7 +266,7 @@ def test_bad_arguments_are_rejected():
 @pytest.mark.parametrize("make", [lambda sf: FBSConv2d(16, 16, scale_free=sf),
                                   lambda sf: DGCConv2d(16, 16, heads=4, squeeze=4, scale_free=sf)])
 def test_scale_free_saliency_keeps_the_eval_output_linear_in_the_input_scale(make):
-    """SPEC 5's predictors grow with the input's scale, so the layer is quadratic in it (the eval-mode
+    """The design §5 predictors grow with the input's scale, so the layer is quadratic in it (the eval-mode
     blow-up of docs/results.md); on the RMS-normalised pooled input the saliences ignore the scale."""
     torch.manual_seed(0)
     x = torch.rand(4, 16, 6, 6)

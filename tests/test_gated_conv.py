@@ -1,4 +1,4 @@
-"""GatedConv2d against hand-written references (SPEC section 1, issue: gating core)."""
+"""GatedConv2d against hand-written references (docs/design.md §1, issue: gating core)."""
 
 from __future__ import annotations
 

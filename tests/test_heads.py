@@ -1,4 +1,4 @@
-"""Projection / prediction heads: layer structure and shapes (SPEC Sec. 2)."""
+"""Projection / prediction heads: layer structure and shapes (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""cdg.data.transforms: SPEC section 6 views, per image (torchvision) and batched (BatchAugment).
+"""cdg.data.transforms: docs/design.md §6 views, per image (torchvision) and batched (BatchAugment).
 
 Numerics of the batched ops are checked against torchvision's functional kernels on float images;
 the distributions of the two pipelines are compared on real CIFAR-10 images.

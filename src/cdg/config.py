@@ -45,7 +45,7 @@ class ModelConfig:
 
 @dataclass
 class GatingConfig:
-    """SPEC sections 1, 3 and 5. ``mode``: dense, dual (CDG), shared_base (CGNet_SimCLR), unified."""
+    """docs/design.md §1, §3, §5. ``mode``: dense, dual (CDG), shared_base (CGNet_SimCLR), unified."""
 
     mode: Literal["dense", "dual", "shared_base", "unified", "fbs", "dgc"] = "dense"
     groups: int = 4  # G
@@ -59,13 +59,13 @@ class GatingConfig:
     target_sparsity: Optional[float] = None  # or a sparsity target p: s = Phi^-1(p)
     lam: float = 1e-4  # lambda of Eq. 11
     ramp_epochs: int = 0  # linear ramp of s from tau_init over this many epochs (0: off)
-    # baselines (SPEC 5): mode fbs / dgc; DGC heads = groups
+    # baselines (docs/design.md §5): mode fbs / dgc; DGC heads = groups
     keep_ratio: Optional[float] = None  # FBS d / DGC g; None: 0.5 (fbs), 0.45 (dgc)
     predictor_loss: Optional[float] = None  # FBS l1 / DGC loss_coef; None: 1e-8 (fbs), 1e-5 (dgc)
     squeeze: int = 16  # DGC r of the salience generators (halved when C_in < 80)
     # FBS / DGC predictors on the RMS-normalised pooled input: no longer squares an atypical image's
-    # scale at every layer as SPEC 5's form does (finite eval features at 4 epochs, but still
-    # heavy-tailed; see docs/results.md). Off: SPEC 5.
+    # scale at every layer as the design §5 form does (finite eval features at 4 epochs, but still
+    # heavy-tailed; see docs/results.md). Off: the docs/design.md §5 form.
     scale_free_saliency: bool = False
     # torch.compile the PyTorch form of the fused training gate instead of the C++ kernel (same values;
     # slower than the kernel on the AVX2 CPU, README Speed)

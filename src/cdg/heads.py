@@ -1,9 +1,9 @@
-"""Projection and prediction heads of the three SSL methods (SPEC Sec. 2).
+"""Projection and prediction heads of the three SSL methods (docs/design.md §2).
 
 All heads take ``in_dim`` explicitly so that width-multiplied backbones (ResNet-18 at 0.25x or 2x,
 feature dimension 128 or 1024 instead of 512) plug in unchanged.
 
-- SimCLR (SPEC): Linear(512, 2048) - ReLU - Linear(2048, 256).
+- SimCLR (docs/design.md §2): Linear(512, 2048) - ReLU - Linear(2048, 256).
 - MoCo V2+ (solo-learn ``mocov2plus``): Linear - ReLU - Linear, 2048 hidden, 256 out.
 - SimSiam (Chen & He 2021; solo-learn CIFAR: proj_hidden_dim 2048, proj_output_dim 2048):
   projector  Linear-BN-ReLU, Linear-BN-ReLU, Linear-BN(affine=False);
@@ -87,7 +87,7 @@ class SimSiamProjectionHead(nn.Module):
 class SimSiamPredictionHead(nn.Module):
     """SimSiam predictor (bottleneck): Linear(in, h) - BN - ReLU - Linear(h, out).
 
-    Trained with a fixed learning rate (SPEC Sec. 2): put its parameters in an optimizer group
+    Trained with a fixed learning rate (docs/design.md §2): put its parameters in an optimizer group
     with ``fixed_lr=True`` (see ``cdg.optim.build_warmup_cosine_scheduler``).
     """
 

@@ -1,7 +1,7 @@
 """Data: datasets (CIFAR-10/100, ImageNet-100, image folders, synthetic), splits, augmentations.
 
 See ``datasets`` (where data is looked for, caches), ``splits`` (stratified subsets) and
-``transforms`` (the SPEC section 6 two-view recipes, per image and batched).
+``transforms`` (the docs/design.md §6 two-view recipes, per image and batched).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Views per second of :class:`~cdg.data.BatchAugment` (batch 256) against the per-image
 :class:`~cdg.data.TwoViewTransform` (and kornia.augmentation's equivalent pipeline, if installed),
-interleaved round by round in one process, as SPEC section 7 asks (this host's speed drifts, so only
+interleaved round by round in one process, as docs/design.md §7 asks (this host's speed drifts, so only
 the ratios within one call compare). Inputs are random uint8 32x32 images (content does not change
 the cost of these ops).
 """

@@ -1,5 +1,5 @@
 """Reproducible label-stratified subsets (e.g. the 1% / 10% label fractions of semi-supervised
-evaluation, or a smaller training set for the CPU recipes of SPEC section 7).
+evaluation, or a smaller training set for the CPU recipes of docs/design.md §7).
 
 The indices depend only on the targets, the fraction and the seed: numpy's ``Generator(PCG64(seed))``
 gives the same stream on every machine and numpy version that keeps PCG64, and classes are visited

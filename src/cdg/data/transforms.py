@@ -1,6 +1,6 @@
-"""Augmentations: the two-view SSL recipes of SPEC section 6, per image and per batch.
+"""Augmentations: the two-view SSL recipes of docs/design.md §6, per image and per batch.
 
-SPEC section 6 (solo-learn's 2021 CIFAR scripts, which the paper follows): two views per image, each
+docs/design.md §6 (solo-learn's 2021 CIFAR scripts, which the paper follows): two views per image, each
 ``RandomResizedCrop(32, scale 0.08-1)``, colour jitter with p 0.8 (SimCLR 0.8/0.8/0.8/0.2; MoCo V2+
 and SimSiam 0.4/0.4/0.4/0.1), grayscale p 0.2, no blur on CIFAR, horizontal flip p 0.5, per-dataset
 normalisation. ImageNet-type data: crop 224 and Gaussian blur (kernel 23, sigma 0.1-2.0) p 0.5.
@@ -9,8 +9,8 @@ Two implementations of the same distribution:
 
 * :class:`TwoViewTransform` - torchvision.transforms.v2, one image at a time (DataLoader workers).
 * :class:`BatchAugment` - an ``nn.Module`` that augments a whole uint8 batch with batched tensor ops,
-  every random parameter drawn independently per sample (SPEC section 7: per-image torchvision
-  runs ~1,800 views/s per core, batched tensor ops tens of thousands). kornia.augmentation was
+  every random parameter drawn independently per sample (docs/design.md §7: per-image torchvision
+  is far slower than batched tensor ops; ``python -m cdg.data.bench`` measures both). kornia.augmentation was
   measured first on this machine (2 threads, batch 256, 32x32, same pipeline): ~10,000 views/s,
   below the 15,000 views/s bar, so the batched ops are written here (see ``BatchAugment``).
 
@@ -40,7 +40,7 @@ __all__ = [
     "normalize_batch",
 ]
 
-#: colour-jitter strengths (brightness, contrast, saturation, hue) per recipe (SPEC section 6).
+#: colour-jitter strengths (brightness, contrast, saturation, hue) per recipe (docs/design.md §6).
 RECIPES: dict[str, tuple[float, float, float, float]] = {
     "simclr": (0.8, 0.8, 0.8, 0.2),
     "mocov2": (0.4, 0.4, 0.4, 0.1),
@@ -56,7 +56,7 @@ _LUMA = (0.2989, 0.587, 0.114)
 
 @dataclass
 class AugmentConfig:
-    """Parameters of one SSL view (SPEC section 6); defaults are SimCLR on CIFAR-10.
+    """Parameters of one SSL view (docs/design.md §6); defaults are SimCLR on CIFAR-10.
 
     ``brightness``/``contrast``/``saturation`` ``b`` mean a factor drawn from
     ``[max(0, 1 - b), 1 + b]``; ``hue`` ``h`` a shift drawn from ``[-h, h]`` (torchvision's
@@ -121,7 +121,7 @@ class AugmentConfig:
 def augment_preset(recipe: str, dataset: str) -> AugmentConfig:
     """The view augmentation of ``recipe`` (simclr, mocov2[plus], simsiam) for ``dataset``.
 
-    SPEC section 6: CIFAR-type data (native size 32: cifar10, cifar100, synthetic) get crop 32 and no
+    docs/design.md §6: CIFAR-type data (native size 32: cifar10, cifar100, synthetic) get crop 32 and no
     blur; ImageNet-type data (imagenet100, imagefolder) crop 224 and Gaussian blur p 0.5 (kernel 23,
     sigma 0.1-2.0) on both views. Mean/std come from :func:`cdg.data.dataset_info`.
     """
@@ -150,7 +150,7 @@ def augment_preset(recipe: str, dataset: str) -> AugmentConfig:
 class TwoViewTransform:
     """Two independently augmented views of one image, with torchvision.transforms.v2.
 
-    Pipeline (SPEC section 6): RandomResizedCrop(crop, scale, antialias) -> RandomApply(ColorJitter,
+    Pipeline (docs/design.md §6): RandomResizedCrop(crop, scale, antialias) -> RandomApply(ColorJitter,
     p) -> RandomGrayscale(p) -> [RandomApply(GaussianBlur(kernel, sigma), p) if blur_prob > 0] ->
     RandomHorizontalFlip(p) -> ToDtype(float32, scale) -> Normalize(mean, std).
     Randomness comes from torch's global RNG, per call, so DataLoader worker seeding applies.
@@ -408,7 +408,7 @@ def _gaussian_blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
 class BatchAugment(nn.Module):
     """One random view of every image of a uint8 batch, with batched tensor ops (no sample loop).
 
-    Same distribution as :class:`TwoViewTransform` (SPEC section 6), parameters drawn per sample:
+    Same distribution as :class:`TwoViewTransform` (docs/design.md §6), parameters drawn per sample:
 
     * RandomResizedCrop: torchvision's (top, left, h, w) rule (10 tries, then centre fallback); the
       crop is resampled exactly as torchvision's antialiased bilinear resize: with ``grid_sample``

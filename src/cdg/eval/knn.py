@@ -1,4 +1,4 @@
-"""Weighted kNN classifier on L2-normalised features (k = 200, cosine, temperature 0.1; SPEC 4)."""
+"""Weighted kNN classifier on L2-normalised features (k = 200, cosine, temperature 0.1; docs/design.md §4)."""
 
 from __future__ import annotations
 

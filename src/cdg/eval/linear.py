@@ -1,4 +1,4 @@
-"""Linear evaluation of a frozen backbone (branch a1, gates frozen; SPEC section 4).
+"""Linear evaluation of a frozen backbone (branch a1, gates frozen; docs/design.md §4).
 
 * ``linear_probe_fast``: the CPU protocol: features of the un-augmented images cached once, then
   multinomial logistic regression on standardised features (full-batch L-BFGS, small L2).

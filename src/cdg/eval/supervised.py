@@ -1,4 +1,4 @@
-"""Supervised stages on top of a pre-trained backbone, branch a1 (paper Sec. 3.2, 5; SPEC 4).
+"""Supervised stages on top of a pre-trained backbone, branch a1 (paper Sec. 3.2, 5; docs/design.md §4).
 
 * Linear evaluation (``finetune=False``): backbone frozen in eval mode, gates frozen; a linear
   classifier trained with SGD (momentum 0.9, no weight decay), lr steps at the milestones.
@@ -64,7 +64,7 @@ class SupervisedHead(L.LightningModule):
         self.log("train/ce", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         if self.finetune:
             loss = loss + sparsity_objective(self.backbone, self.target, self.cfg.gating.lam).to(loss.device)
-            loss = loss + pop_aux_losses(self.backbone).to(loss.device)  # FBS / DGC predictors (SPEC 5)
+            loss = loss + pop_aux_losses(self.backbone).to(loss.device)  # FBS / DGC predictors (docs/design.md §5)
         return loss
 
     def configure_optimizers(self):

@@ -1,6 +1,6 @@
 """MoCo V2(+) building blocks: InfoNCE against a queue, the queue, and the momentum encoder.
 
-SPEC Sec. 2: "MoCo V2(+): query encoder and momentum key encoder (EMA of parameters including tau;
+docs/design.md §2: "MoCo V2(+): query encoder and momentum key encoder (EMA of parameters including tau;
 momentum 0.99 -> 0.999 on a cosine schedule over steps), queue of 32768 negatives (CIFAR),
 temperature 0.2, symmetric loss."
 
@@ -66,7 +66,7 @@ class MemoryQueue(nn.Module):
     ``.to(device)``. Initialised with L2-normalised Gaussian noise, as MoCo does.
 
     Args:
-        size: K, the number of keys (SPEC: 32768 on CIFAR).
+        size: K, the number of keys (docs/design.md: 32768 on CIFAR).
         dim: D, the key dimension.
     """
 
@@ -122,7 +122,7 @@ def momentum_update(
 ) -> None:
     """EMA update of the momentum (key) encoder: theta_k <- m * theta_k + (1 - m) * theta_q.
 
-    Applied to every parameter (including the gating thresholds tau, SPEC Sec. 2). Parameters
+    Applied to every parameter (including the gating thresholds tau, docs/design.md §2). Parameters
     are matched by name; the two modules must have identical parameter names and shapes.
     With ``copy_buffers`` (default) buffers such as BN running statistics are copied from
     ``online`` to ``target`` (solo-learn leaves them to the key encoder's own forward passes;

@@ -2,7 +2,7 @@
 
     D(p, z) = - p / ||p||_2 . stopgrad(z) / ||z||_2       (averaged over the batch)
 
-The symmetric SimSiam loss is formed by the caller (SPEC Sec. 2, "symmetric negative cosine with
+The symmetric SimSiam loss is formed by the caller (docs/design.md §2, "symmetric negative cosine with
 stop-gradient"):
 
     L = 0.5 * D(p1, z2) + 0.5 * D(p2, z1)

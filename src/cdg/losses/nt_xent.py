@@ -1,6 +1,6 @@
 """SimCLR's normalised temperature-scaled cross-entropy (NT-Xent).
 
-SPEC Sec. 2 ("SimCLR: NT-Xent (temperature 0.2)") and the paper's Eq. 11 term L_NT-Xent.
+docs/design.md §2 ("SimCLR: NT-Xent (temperature 0.2)") and the paper's Eq. 11 term L_NT-Xent.
 For 2N projections h (the two views z1, z2 stacked) and sim(u, v) = u^T v / (||u|| ||v||):
 
     l(i, j) = -log( exp(sim(h_i, h_j) / T) / sum_{k != i} exp(sim(h_i, h_k) / T) )
@@ -24,7 +24,7 @@ class NTXentLoss(nn.Module):
     """NT-Xent loss over two batches of projections ``z1``, ``z2`` of shape (N, D).
 
     Args:
-        temperature: T in the equation above (SPEC: 0.2).
+        temperature: T in the equation above (docs/design.md: 0.2).
         gather_distributed: if True and a ``torch.distributed`` process group with more than one
             process is initialised, all ranks' projections are gathered (with gradient) and the
             loss is computed over the global batch of 2 * N * world_size anchors, as solo-learn

@@ -1,7 +1,7 @@
 """What every SSL method shares: two views on two branches, the sparsity objective, optimisers.
 
 Subclasses implement :meth:`SSLMethod.ssl_loss` (view 1 on branch a1, view 2 on branch a2, in
-separate backbone calls: SPEC section 2) and may add heads. Nothing here knows the CLI.
+separate backbone calls: docs/design.md §2) and may add heads. Nothing here knows the CLI.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class SSLMethod(L.LightningModule):
 
     # --- data ------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Batched augmentation on the training device (SPEC 7): uint8 images -> two views."""
+        """Batched augmentation on the training device (docs/design.md §7): uint8 images -> two views."""
         images, labels = batch
         if self._trainer is None or not self._trainer.training:
             return batch
@@ -74,7 +74,7 @@ class SSLMethod(L.LightningModule):
         return max(1, self.cfg.trainer.max_epochs * self.steps_per_epoch)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """DGC pruning-rate ramp (SPEC 5): fraction of training done, on every module (MoCo key encoder too)."""
+        """DGC pruning-rate ramp (docs/design.md §5): fraction of training done, on every module (MoCo key encoder too)."""
         set_pruning_progress(self, min(1.0, self.global_step / self.total_steps))
 
     def on_train_start(self) -> None:
@@ -114,7 +114,7 @@ class SSLMethod(L.LightningModule):
 
     # --- optimisation ----------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
-        """LARS/SGD groups; tau (gating thresholds) alone, no weight decay, no LARS scaling (SPEC 3)."""
+        """LARS/SGD groups; tau (gating thresholds) alone, no weight decay, no LARS scaling (docs/design.md §3)."""
         taus = {id(m.tau) for _, m in threshold_layers(self.backbone)}
         groups = split_params_for_lars(self, extra_exclude=lambda n, p: id(p) in taus)
         out: list[dict[str, Any]] = []

@@ -1,4 +1,4 @@
-"""MoCo V2+ with CDG (SPEC section 2).
+"""MoCo V2+ with CDG (docs/design.md §2).
 
 Query encoder f_q and momentum key encoder f_k (EMA of every parameter, tau included; momentum
 0.99 -> 0.999 on a cosine schedule over steps), a queue of negatives, symmetric loss. Branch per

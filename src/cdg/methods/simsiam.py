@@ -1,4 +1,4 @@
-"""SimSiam with CDG: L = D(p1, sg(z2))/2 + D(p2, sg(z1))/2, view 1 on a1, view 2 on a2 (SPEC 2)."""
+"""SimSiam with CDG: L = D(p1, sg(z2))/2 + D(p2, sg(z1))/2, view 1 on a1, view 2 on a2 (docs/design.md §2)."""
 
 from __future__ import annotations
 

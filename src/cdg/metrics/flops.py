@@ -1,4 +1,4 @@
-"""Multiply-accumulates (MACs) and the FLOPs reduction of gated networks (Eq. 13; SPEC section 4).
+"""Multiply-accumulates (MACs) and the FLOPs reduction of gated networks (Eq. 13; docs/design.md §4).
 
 Dense MACs come from PyTorch's own counter (``torch.utils.flop_counter.FlopCounterMode``) run on
 the *dense twin* of the network (same shapes, dense 3x3 convolutions); FLOPs = 2 x MACs. A gated
@@ -32,7 +32,7 @@ class LayerMACs:
     gate_groups: int = 1
     group_size: int = 1
     out_elements: int = 0  # C_out x H x W for one image
-    kind: str = "cdg"  # "cdg" (GatedConv2d), "fbs" or "dgc" (SPEC 5 baselines)
+    kind: str = "cdg"  # "cdg" (GatedConv2d), "fbs" or "dgc" (docs/design.md §5 baselines)
     predictor_macs: int = 0  # FBS: C_in*C_out; DGC: heads*2*C_in*(C_in/r) (the layer's predictor_macs())
 
 
@@ -50,7 +50,7 @@ class MACReport:
             eta = eta_per_layer if isinstance(eta_per_layer, (int, float)) else (eta_per_layer or {}).get(l.name)
             if eta is None:
                 raise ValueError(f"no eta given for gated layer {l.name}")
-            if l.kind in ("fbs", "dgc"):  # skipped channel computations + salience predictor (SPEC 5)
+            if l.kind in ("fbs", "dgc"):  # skipped channel computations + salience predictor (docs/design.md §5)
                 kept, overhead = l.macs * (1.0 - eta), l.predictor_macs
             else:
                 g = l.gate_groups

@@ -1,10 +1,10 @@
-"""ResNet-18 / ResNet-50 backbones with a pluggable 3x3 convolution (SPEC sections 1 and 6).
+"""ResNet-18 / ResNet-50 backbones with a pluggable 3x3 convolution (docs/design.md §1, §6).
 
 Every 3x3 convolution inside the residual blocks is built by ``conv_layer(in, out, stride)``, a
 factory returning a module with ``forward(x, branch=0)``. :class:`Conv3x3` is the dense default;
 :func:`cdg.nn.make_conv_layer` returns the gated convolutions. The stem, the 1x1 shortcuts and any
 classifier stay dense. ``forward(x, branch)`` routes the contrastive branch (0 = a1, 1 = a2) to
-every block, so the two views go through the backbone in separate calls (SPEC section 2).
+every block, so the two views go through the backbone in separate calls (docs/design.md §2).
 """
 
 from __future__ import annotations

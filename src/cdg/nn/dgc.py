@@ -1,4 +1,4 @@
-"""Dynamic Group Convolution (DGC, Su et al. 2020): a baseline of Tables 6-7 (SPEC section 5).
+"""Dynamic Group Convolution (DGC, Su et al. 2020): a baseline of Tables 6-7 (docs/design.md §5).
 
 A 3x3 convolution C_in -> C_out is split into ``heads`` (4) heads along its output channels. Head
 ``h`` has its own salience generator, which scores the *input* channels of every sample::
@@ -22,7 +22,7 @@ scaled copies of x, the cost of one dense convolution); at inference a head read
 input channels, so the layer costs ``9 C_in C_out H W (1 - eta) + heads * 2 * C_in * C_in/r`` MACs
 per image (:meth:`DGCConv2d.macs_per_image`), with eta = (C_in - k) / C_in the fraction of
 (head, input channel) pairs pruned. In self-supervised training the generators are shared by both
-views; the masks are per view (SPEC section 5).
+views; the masks are per view (docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def dgc_keep_ratio(progress: float, final_keep: float, start: float = RAMP_START
     """Fraction of input channels a DGC head keeps after ``progress`` (0..1) of training.
 
     Pruning rate 0 (keep 1.0) up to ``start`` (1/12), then linear to ``1 - final_keep`` at ``end``
-    (3/4), constant afterwards (Su et al. 2020; SPEC section 5)::
+    (3/4), constant afterwards (Su et al. 2020; docs/design.md §5)::
 
         keep(p) = 1 - (1 - final_keep) * clamp((p - start) / (end - start), 0, 1)
     """
@@ -62,7 +62,7 @@ def dgc_hidden_channels(in_channels: int, squeeze: int = 16) -> int:
 
 
 class DGCConv2d(DynamicPruningConv):
-    """3x3 dynamic group convolution (Su et al. 2020; SPEC section 5).
+    """3x3 dynamic group convolution (Su et al. 2020; docs/design.md §5).
 
     Args:
         in_channels, out_channels: channel counts; ``out_channels`` must be divisible by ``heads``.

@@ -1,4 +1,4 @@
-"""Feature Boosting and Suppression (FBS, Gao et al. 2019): a baseline of Tables 6-7 (SPEC section 5).
+"""Feature Boosting and Suppression (FBS, Gao et al. 2019): a baseline of Tables 6-7 (docs/design.md §5).
 
 Per gated 3x3 convolution, a salience predictor reads the globally average-pooled input and scores
 every *output* channel of every sample::
@@ -10,7 +10,7 @@ every *output* channel of every sample::
 with ``beta`` a learnable per-channel bias (the normalisation has no affine part) and an L1 penalty
 ``l1 * sum |g|`` (1e-8) added to the training loss. The block's own BatchNorm follows as usual.
 In self-supervised training the predictor (and the normalisation) is shared by both contrastive
-views; the masks are per view, because they depend on the input (SPEC section 5).
+views; the masks are per view, because they depend on the input (docs/design.md §5).
 
 Training computes ``conv(x)`` densely and multiplies by the mask; at inference the suppressed output
 channels of a sample are simply not computed, so they cost nothing: the layer costs
@@ -60,7 +60,7 @@ class DynamicPruningConv(GateCounts):
     * ``gate_counts`` (non-persistent float64 buffer, on the device): [phase (0 train, 1 eval),
       branch, (closed, total)], as in :class:`cdg.nn.GatedConv2d`. Counts are in *output-element
       equivalents*: a call adds ``total = N * C_out * H_out * W_out`` and ``closed = eta_call *
-      total``, where ``eta_call`` is the fraction of channel computations skipped (SPEC section 5).
+      total``, where ``eta_call`` is the fraction of channel computations skipped (docs/design.md §5).
       Per layer, eta is that fraction; across layers the element-weighted eta weighs each layer by
       its output elements as for CDG, and ``gate_statistics``' FLOP weighting (9 * C_in per
       element) is then exact.
@@ -71,9 +71,9 @@ class DynamicPruningConv(GateCounts):
       the latest forward of each branch only, and handed out, summed, by :meth:`pop_aux_loss`,
       which clears them. Forwards in eval mode or under ``torch.no_grad`` (e.g. a MoCo key encoder)
       store nothing.
-    * ``scale_free`` (off by default, SPEC section 5's form): the predictors read the pooled input
+    * ``scale_free`` (off by default, docs/design.md §5's form): the predictors read the pooled input
       divided by its RMS over channels, so that the saliences do not grow with the input's scale.
-      In the SPEC form the saliences are linear in that scale and so the layer's output is
+      In the §5 form the saliences are linear in that scale and so the layer's output is
       quadratic in it. In eval mode, where BN no longer re-normalises each batch, an atypical image
       then squares its scale at every gated layer until it overflows. At 4 epochs on CIFAR-10 this
       happened to 0.03% (DGC) and 1.4% (FBS) of the images (docs/results.md).
@@ -153,7 +153,7 @@ class DynamicPruningConv(GateCounts):
 
 
 class FBSConv2d(DynamicPruningConv):
-    """3x3 convolution with FBS output-channel pruning (Gao et al. 2019; SPEC section 5).
+    """3x3 convolution with FBS output-channel pruning (Gao et al. 2019; docs/design.md §5).
 
     Args:
         in_channels, out_channels: channel counts.

@@ -1,4 +1,4 @@
-"""The gated 3x3 convolution of Contrastive Dual Gating (paper Sec. 2.1, 3, 4; SPEC section 1).
+"""The gated 3x3 convolution of Contrastive Dual Gating (paper Sec. 2.1, 3, 4; docs/design.md §1).
 
 A convolution with weight ``W`` (C_out x C_in x 3 x 3) is split into G groups along both channel
 axes. For contrastive branch ``a_i`` the *base path* reads, for each output group ``o``, only the
@@ -46,7 +46,7 @@ OVERLAPS: tuple[int, ...] = (0, 50, 75, 100)
 
 
 def base_path_blocks(gate_groups: int, branch: int, mode: str = "dual", overlap: int = 0) -> tuple[int, ...]:
-    """Input group read by each output group in the base path of ``branch`` (SPEC section 1).
+    """Input group read by each output group in the base path of ``branch`` (docs/design.md §1).
 
     Returns ``pi`` with ``pi[o]`` the input group of output group ``o``.
 
@@ -94,7 +94,7 @@ class _SmoothedStep(torch.autograd.Function):
 
 
 def gate_surrogate_derivative(u: Tensor, alpha: float = 2.0, surrogate: str = "sigmoid") -> Tensor:
-    """dM/du of the gate at ``u = n - tau`` (SPEC section 1, "Gate").
+    """dM/du of the gate at ``u = n - tau`` (docs/design.md §1, "Gate").
 
     * ``sigmoid``: alpha * s * (1 - s), s = sigmoid(alpha * u).
     * ``one_sided``: the same where the gate is open (u > 0), zero where it is closed.

@@ -1,4 +1,4 @@
-"""The sparsity objective (Eq. 11) and the gate statistics of a gated model (SPEC sections 3-4).
+"""The sparsity objective (Eq. 11) and the gate statistics of a gated model (docs/design.md §3-4).
 
 Statistics accumulate on the device inside each layer (``gate_counts``) and are read here, once,
 when asked: nothing in the training step synchronises with the host.
@@ -18,7 +18,7 @@ def gated_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The gated convolutions of ``model``, in module order, with their names.
 
     :class:`GatedConv2d` with G > 1 (CDG, CGNet) and the dynamic-pruning baselines
-    :class:`cdg.nn.fbs.FBSConv2d` and :class:`cdg.nn.dgc.DGCConv2d` (SPEC section 5). All share the
+    :class:`cdg.nn.fbs.FBSConv2d` and :class:`cdg.nn.dgc.DGCConv2d` (docs/design.md §5). All share the
     statistics surface (``gate_counts``, ``in_channels``, ``reset_stats``, ``last_masks``); only
     CDG/CGNet layers have thresholds ``tau`` (see :func:`threshold_layers`).
     """
@@ -32,7 +32,7 @@ def gated_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def threshold_from_sparsity(p: float) -> float:
-    """s = Phi^-1(p): the threshold target giving sparsity p for standard-normal salience (SPEC 3)."""
+    """s = Phi^-1(p): the threshold target giving sparsity p for standard-normal salience (docs/design.md §3)."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"target sparsity must be in (0, 1), got {p}")
     return NormalDist().inv_cdf(p)
@@ -119,7 +119,7 @@ def threshold_layers(model: nn.Module) -> list[tuple[str, GatedConv2d]]:
 def pop_aux_losses(model: nn.Module) -> Tensor:
     """Sum of the salience-predictor losses of FBS / DGC layers since the last call; clears them.
 
-    FBS: l1 * sum |g|; DGC: loss_coef * mean saliency (SPEC section 5), for every branch called in
+    FBS: l1 * sum |g|; DGC: loss_coef * mean saliency (docs/design.md §5), for every branch called in
     training mode with gradients enabled. A 0-d zero when ``model`` has none.
     """
     terms = [m.pop_aux_loss() for m in model.modules() if hasattr(m, "pop_aux_loss")]

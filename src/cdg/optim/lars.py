@@ -1,6 +1,6 @@
 """LARS (You et al. 2017, "Large batch training of convolutional networks"), solo-learn flavour.
 
-SPEC Sec. 6: "SimCLR: LARS (eta 0.02, biases and norms excluded)"; SPEC Sec. 3: "tau gets its own
+docs/design.md §6: "SimCLR: LARS (eta 0.02, biases and norms excluded)"; docs/design.md §3: "tau gets its own
 optimizer parameter group: no weight decay, no LARS trust-ratio scaling."
 
 This follows solo-learn's ``solo/utils/lars.py`` (itself from Lightning Bolts). For each parameter
@@ -44,7 +44,7 @@ class LARS(Optimizer):
         lr: global learning rate.
         momentum: momentum factor mu.
         weight_decay: L2 coefficient beta, added to the gradient before the trust ratio's scaling.
-        eta: trust coefficient (SPEC: 0.02).
+        eta: trust coefficient (docs/design.md: 0.02).
         clip_lr: clip the trust ratio at 1 relative to lr (solo-learn ``clip_lars_lr``).
         exclude_bias_n_norm: skip scaling and weight decay for 1-D tensors (solo-learn
             ``exclude_bias_n_norm_lars``).
@@ -144,7 +144,7 @@ def split_params_for_lars(
     (empty groups are omitted). The excluded group holds every parameter with ``ndim <= 1``
     (biases, BN/LN weights, per-channel thresholds) and every parameter for which
     ``extra_exclude(name, param)`` is True, e.g. ``lambda n, p: n.endswith("tau")`` for the
-    gating thresholds (SPEC Sec. 3: no weight decay, no trust-ratio scaling). The first group
+    gating thresholds (docs/design.md §3: no weight decay, no trust-ratio scaling). The first group
     inherits the optimizer's defaults (weight decay, LARS scaling). Parameters with
     ``requires_grad=False`` are skipped.
     """

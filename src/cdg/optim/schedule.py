@@ -1,6 +1,6 @@
 """Linear warm-up then cosine learning-rate schedule, stepped per optimizer step.
 
-SPEC Sec. 6: "All: 10 warm-up epochs then cosine". With W warm-up steps and S total steps:
+docs/design.md §6: "All: 10 warm-up epochs then cosine". With W warm-up steps and S total steps:
 
     lr(t) = start_lr + (base_lr - start_lr) * t / W                                 for t < W
     lr(t) = final_lr + (base_lr - final_lr) * (1 + cos(pi * (t - W) / (S - W))) / 2  for W <= t <= S
@@ -10,7 +10,7 @@ so lr(0) = start_lr, lr(W) = base_lr, lr((W + S) / 2) = (base_lr + final_lr) / 2
 (Lightning Bolts' LinearWarmupCosineAnnealingLR, used by solo-learn, reaches base_lr one step
 earlier, at t = W - 1; the difference is one step out of thousands.)
 
-SimSiam's predictor keeps a fixed learning rate (SPEC Sec. 2; solo-learn ``static_lr``): a
+SimSiam's predictor keeps a fixed learning rate (docs/design.md §2; solo-learn ``static_lr``): a
 parameter group with ``fixed_lr=True`` gets multiplier 1.0 at every step.
 """
 
