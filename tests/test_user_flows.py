@@ -349,6 +349,11 @@ def test_runtime_settings_this_machine_cannot_run(tmp_path, capsys, monkeypatch)
         assert main(["pretrain", "--config", CONFIG, "--out", str(tmp_path / "x"), override, "data.dataset=synthetic"]) == 2
         assert expected in capsys.readouterr().err
         assert not (tmp_path / "x" / "config.yaml").exists()
+    # a layer that cannot be built (DGC's 8 heads on a 4-channel stage): one line, nothing written
+    assert main(["pretrain", "--config", CONFIG, "--out", str(tmp_path / "d"), "gating.mode=dgc", "gating.groups=8",
+                 "model.width=0.0625", "data.dataset=synthetic"]) == 2
+    assert "out_channels=4 is not divisible by heads=8" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "config.yaml").exists()
     assert main(["flops", "--config", CONFIG, "--eta", "1.5"]) == 2
     assert "expected 0 <= eta <= 1" in capsys.readouterr().err
     assert main(["flops", "--config", CONFIG, "--eta", "1.0", "gating.mode=fbs"]) == 2

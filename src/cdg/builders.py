@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from cdg.config import Config
+from cdg.config import Config, ConfigError
 from cdg.models import create_model
 from cdg.nn import make_conv_layer, threshold_from_sparsity
 
@@ -32,11 +32,18 @@ def conv_layer_for(cfg: Config):
 
 
 def build_backbone(cfg: Config) -> nn.Module:
-    """ResNet backbone of ``cfg.model`` with the 3x3 convolutions of ``cfg.gating``."""
-    m = cfg.model
-    return create_model(
-        m.name, width=m.width, stem=m.stem, zero_init_residual=m.zero_init_residual, conv_layer=conv_layer_for(cfg)
-    )
+    """ResNet backbone of ``cfg.model`` with the 3x3 convolutions of ``cfg.gating``.
+
+    A layer that cannot be built at these settings (e.g. channels an FBS/DGC layer cannot split)
+    raises ConfigError naming the model and gating settings."""
+    m, g = cfg.model, cfg.gating
+    try:
+        return create_model(
+            m.name, width=m.width, stem=m.stem, zero_init_residual=m.zero_init_residual, conv_layer=conv_layer_for(cfg)
+        )
+    except ValueError as e:
+        raise ConfigError(f"model.name={m.name} model.width={m.width:g} with gating.mode={g.mode} "
+                          f"gating.groups={g.groups} gating.group_size={g.group_size} cannot be built: {e}") from None
 
 
 def dataset_kwargs(cfg: Config) -> dict[str, Any]:

@@ -117,9 +117,6 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
         if a.config is None:
             raise ConfigError("pretrain needs --config FILE (or --resume with an existing --out)")
         cfg = load_config(a.config, a.overrides)
-    from cdg.builders import build_backbone
-
-    build_backbone(cfg)  # an impossible architecture stops here, before any data is read
     values = pretrain(cfg, out, resume=a.resume)
     print(json.dumps({k: v for k, v in values.items()}, indent=2))
     return 0

@@ -4,7 +4,7 @@ Every dataset built here has ``.targets`` (int64 1-D tensor), ``.classes`` (list
 ``len()`` and ``ds[i] -> (uint8 RGB tensor 3 x H x W, int label)``; augmentation is applied later
 (``cdg.data.transforms``), per image in DataLoader workers or per batch with ``BatchAugment``.
 
-Where data is looked for (SPEC section 6 names the datasets; ``data_root`` is the ``root``
+Where data is looked for (docs/design.md §6 names the datasets; ``data_root`` is the ``root``
 argument, else ``$CDG_DATA``, else ``./data``):
 
 * ``cifar10`` / ``cifar100``, in this order: torchvision's own format
@@ -809,8 +809,8 @@ def dataset_fingerprint(ds: Dataset[tuple[Tensor, int]]) -> str:
     h.update(json.dumps(list(getattr(ds, "classes", []))).encode())
     if isinstance(ds, TensorImageDataset):
         h.update(str(tuple(ds.images.shape)).encode())
-        h.update(ds.images.contiguous().numpy().tobytes())
-        h.update(ds.targets.numpy().tobytes())
+        h.update(ds.images.contiguous().numpy())  # the buffer itself: no 150 MB copy
+        h.update(ds.targets.contiguous().numpy())
         return f"tensor:{len(ds)}:{h.hexdigest()}"
     if isinstance(ds, FolderImageDataset):
         h.update(_tree_signature(ds.samples).encode())
