@@ -143,7 +143,10 @@ def _table(results: Path) -> list[str]:
 
 def report() -> None:
     """docs/results.md from results/gpu (the full table) and results/cpu (the same recipe on a CPU)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        sys.exit("the plots need matplotlib: pip install 'cdg[plots]'")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

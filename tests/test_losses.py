@@ -32,16 +32,21 @@ def _fixed(n: int, d: int, seed: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- NT-Xent
 
 
-def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
-    """Per-anchor loop straight from the SimCLR paper."""
+def nt_xent_reference_terms(z1: torch.Tensor, z2: torch.Tensor, t: float) -> list[float]:
+    """Per-anchor loop straight from the SimCLR paper: l(i, positive of i) for the 2N anchors."""
     h = [row for row in torch.cat([z1, z2])]
     n = z1.shape[0]
-    total = 0.0
+    terms = []
     for i in range(2 * n):
         j = i + n if i < n else i - n
         denom = sum(math.exp(_cos(h[i], h[k]) / t) for k in range(2 * n) if k != i)
-        total += -math.log(math.exp(_cos(h[i], h[j]) / t) / denom)
-    return total / (2 * n)
+        terms.append(-math.log(math.exp(_cos(h[i], h[j]) / t) / denom))
+    return terms
+
+
+def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
+    terms = nt_xent_reference_terms(z1, z2, t)
+    return sum(terms) / len(terms)
 
 
 @pytest.mark.parametrize("temperature", [0.2, 0.5, 1.0])
@@ -90,9 +95,7 @@ def test_nt_xent_bf16_autocast_computes_in_float32() -> None:
 
 def test_nt_xent_gather_flag_harmless_without_dist() -> None:
     z1, z2 = _fixed(3, 4, 8), _fixed(3, 4, 9)
-    assert NTXentLoss(0.2, gather_distributed=True)(z1, z2).item() == pytest.approx(
-        NTXentLoss(0.2)(z1, z2).item(), rel=1e-15
-    )
+    assert torch.equal(NTXentLoss(0.2, gather_distributed=True)(z1, z2), NTXentLoss(0.2)(z1, z2))
     assert gather_with_grad(z1) is z1
     assert torch.equal(gather_no_grad(z1), z1)
 
@@ -261,21 +264,36 @@ def test_symmetric_simsiam_loss_by_caller() -> None:
 
 # --------------------------------------------------------------------------- DDP (2 gloo processes)
 
+# The global batch: N = 6 images, split over 2 ranks (n = 3 each); a shared linear "projector" so
+# that DDP's averaging of parameter gradients can be checked too.
+_GLOBAL_N, _DIM, _OUT = 6, 5, 4
+
+
+def _global_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fixed(_GLOBAL_N, _DIM, 30), _fixed(_GLOBAL_N, _DIM, 31), _fixed(_OUT, _DIM, 32)
+
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        z1_all, z2_all = _fixed(6, 5, 30), _fixed(6, 5, 31)
-        n = z1_all.shape[0] // world
-        z1 = z1_all[rank * n : (rank + 1) * n].clone().requires_grad_()
-        z2 = z2_all[rank * n : (rank + 1) * n].clone().requires_grad_()
-        loss = NTXentLoss(0.2, gather_distributed=True)(z1, z2)
+        x1_all, x2_all, weight = _global_inputs()
+        n = _GLOBAL_N // world
+        x1 = x1_all[rank * n : (rank + 1) * n].clone().requires_grad_()
+        x2 = x2_all[rank * n : (rank + 1) * n].clone().requires_grad_()
+        proj = nn.Linear(_DIM, _OUT, bias=False).double()
+        with torch.no_grad():
+            proj.weight.copy_(weight)
+        loss = NTXentLoss(0.2, gather_distributed=True)(proj(x1), proj(x2))
         loss.backward()
-        keys = gather_no_grad(z1.detach())
+        # what DDP does with parameter gradients: average them over the ranks
+        g_weight = proj.weight.grad.clone()
+        dist.all_reduce(g_weight)
+        g_weight /= world
         torch.save(
-            {"loss": loss.detach(), "g1": z1.grad, "g2": z2.grad, "keys": keys},
+            {"loss": loss.detach(), "g1": x1.grad, "g2": x2.grad, "g_weight": g_weight,
+             "keys": gather_no_grad(x1.detach())},
             f"{out_file}.{rank}",
         )
     finally:
@@ -284,6 +302,10 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_nt_xent_gather_distributed_matches_global_batch(tmp_path) -> None:
+    """Each rank's loss is the global batch's NT-Xent restricted to its own anchors (so their mean
+    is the global loss); its input gradient is W times the global loss's gradient of its slice
+    (GatherLayer all-reduces the keys' gradients), so DDP's average over the W ranks of the
+    parameter gradients is exactly the global loss's parameter gradient."""
     import torch.multiprocessing as mp
 
     world = 2
@@ -291,15 +313,30 @@ def test_nt_xent_gather_distributed_matches_global_batch(tmp_path) -> None:
     # spawn, not fork: forking after OpenMP was used in this process can deadlock the children.
     # Costs a few seconds (each child imports torch).
     mp.spawn(_ddp_worker, args=(world, str(tmp_path / "init"), out), nprocs=world, join=True)
-    z1_all = _fixed(6, 5, 30).requires_grad_()
-    z2_all = _fixed(6, 5, 31).requires_grad_()
-    ref = NTXentLoss(0.2)(z1_all, z2_all)
+    x1_all, x2_all, weight = _global_inputs()
+    x1_all.requires_grad_()
+    x2_all.requires_grad_()
+    proj = nn.Linear(_DIM, _OUT, bias=False).double()
+    with torch.no_grad():
+        proj.weight.copy_(weight)
+    z1_all, z2_all = proj(x1_all), proj(x2_all)
+    ref = NTXentLoss(0.2)(z1_all, z2_all)  # one process, the concatenated global batch
     ref.backward()
-    n = 3
-    for rank in range(world):
-        res = torch.load(f"{out}.{rank}")
-        assert res["loss"].item() == pytest.approx(ref.item(), rel=1e-12)
-        # each rank receives the all-reduced gradient of its slice; DDP then averages over ranks
-        assert torch.allclose(res["g1"] / world, z1_all.grad[rank * n : (rank + 1) * n])
-        assert torch.allclose(res["g2"] / world, z2_all.grad[rank * n : (rank + 1) * n])
-        assert torch.equal(res["keys"], z1_all.detach())
+    per_anchor = nt_xent_reference_terms(z1_all.detach(), z2_all.detach(), 0.2)
+    assert ref.item() == pytest.approx(sum(per_anchor) / len(per_anchor), rel=1e-12)
+    n, big_n = _GLOBAL_N // world, _GLOBAL_N
+    results = [torch.load(f"{out}.{rank}") for rank in range(world)]
+    for rank, res in enumerate(results):
+        own = [rank * n + i for i in range(n)] + [big_n + rank * n + i for i in range(n)]
+        # the rank's value: its 2n anchors (view 1 and view 2 of its images) against all 2N keys
+        assert res["loss"].item() == pytest.approx(sum(per_anchor[i] for i in own) / (2 * n), rel=1e-12)
+        # per-rank input gradient = world * d(global loss)/d(its slice)
+        assert torch.allclose(res["g1"], world * x1_all.grad[rank * n : (rank + 1) * n], rtol=1e-10, atol=1e-13)
+        assert torch.allclose(res["g2"], world * x2_all.grad[rank * n : (rank + 1) * n], rtol=1e-10, atol=1e-13)
+        # after DDP's averaging the parameter gradient is the global loss's, on every rank
+        assert torch.allclose(res["g_weight"], proj.weight.grad, rtol=1e-10, atol=1e-13)
+        assert torch.equal(res["keys"], x1_all.detach())
+    # the ranks' losses average to the global loss (equal local batches)
+    assert sum(r["loss"].item() for r in results) / world == pytest.approx(ref.item(), rel=1e-12)
+    # a wrong offset would make the ranks' values equal only by accident: they differ here
+    assert results[0]["loss"].item() != pytest.approx(results[1]["loss"].item(), rel=1e-6)

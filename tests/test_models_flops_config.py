@@ -69,7 +69,9 @@ def test_macs_match_pytorch_counter_and_hand_count():
 
 def test_exact_reduction_reduces_to_hand_formula():
     net = create_model("resnet18", width=0.5)
-    gated = {n: (4, 1) for n, m in net.named_modules() if isinstance(m, Conv3x3)}
+    twin = create_model("resnet18", width=0.5, conv_layer=make_conv_layer("dual", gate_groups=4))
+    gated = dict(gated_layers(twin))
+    assert set(gated) == {n for n, m in net.named_modules() if isinstance(m, Conv3x3)}
     rep = count_macs(net, (3, 32, 32), gated)
     eta = 0.7
     gated_macs = sum(l.macs for l in rep.layers if l.gated)

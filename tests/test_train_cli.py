@@ -9,6 +9,7 @@ import torch
 
 from cdg.cli import main
 from cdg.config import load_config
+from cdg.export import read_backbone_file
 from cdg.runs import read_log
 from cdg.train import pretrain
 
@@ -55,9 +56,27 @@ def test_cli_pretrain_eval_report_resume(cifar10_root, tmp_path, capsys, monkeyp
     assert 0.0 <= m["knn_top1"] <= 1.0 and 0.0 <= m["eta"] <= 1.0
     assert m["protocol"]["knn_top1"]["dataset"] == "cifar10" and m["protocol"]["knn_top1"]["width"] == 0.125
     assert m["flops_reduction_exact"] > 1.0 and m["flops_reduction_eq13"] > 1.0
+    # eta and the FLOPs reductions keep the protocol of the pass that measured them, not the kNN's
+    assert m["protocol"]["eta"]["protocol"].startswith("gate statistics of the evaluation forward pass")
+    assert m["protocol"]["flops_reduction_exact"] == m["protocol"]["eta"]
+    # the same evaluation from Python, without the CLI and without writing: the cached features
+    from cdg.eval import linear_probe
+
+    r = linear_probe(out, save=False, progress=False)
+    assert 0.0 <= r.accuracy <= 1.0 and r.protocol["protocol"].startswith("linear probe (fast")
+    assert r.values["eta"] == pytest.approx(m["eta"]) and r.protocols["eta"]["protocol"] == m["protocol"]["eta"]["protocol"]
+    assert "linear_top1" not in json.loads((out / "metrics.json").read_text())
     capsys.readouterr()
     assert main(["report", "--run", str(out)]) == 0
-    assert "kNN top-1" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    shared = next(ln for ln in report.splitlines() if ln.startswith("Shared by every row: "))
+    assert "dataset=cifar10" in shared and "width=0.125" in shared  # said once, above the table
+    knn_row = next(ln for ln in report.splitlines() if ln.startswith("| kNN top-1 |"))
+    assert "kNN (k=20" in knn_row and "dataset=" not in knn_row
+    eta_row = next(ln for ln in report.splitlines() if ln.startswith("| eta (test, a1) |"))
+    assert "gate statistics" in eta_row and "kNN" not in eta_row
+    seen = next(ln for ln in report.splitlines() if ln.startswith("| pre-training images seen |"))
+    assert f"{2 * steps_before * 32:,}" in seen
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -120,7 +139,7 @@ def test_finetune_and_sgd_linear_protocols(cifar10_root, tmp_path, monkeypatch, 
     assert main(["pretrain", "--config", "configs/cpu/simclr_cdg.yaml", "--out", str(out), *over]) == 0
     assert json.loads((out / "metrics.json").read_text())["pretrain_steps"] == 1
     update_metrics(out, {"linear_top1": 0.1234})  # stands for a fast-probe result
-    before = torch.load(out / "backbone.pt", weights_only=True)
+    before = read_backbone_file(out / "backbone.pt")[0]
     assert main(["linear", "--run", str(out), "--epochs", "1"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= m["linear_sgd_top1"] <= 1.0 and "SGD, frozen backbone" in m["protocol"]["linear_sgd_top1"]["protocol"]
@@ -135,3 +154,44 @@ def test_finetune_and_sgd_linear_protocols(cifar10_root, tmp_path, monkeypatch, 
     after = torch.load(out / "finetuned_backbone.pt", weights_only=True)
     taus = [k for k in before if k.endswith("tau")]
     assert taus and any(not torch.equal(before[k], after[k]) for k in taus)  # tau trained in fine-tuning
+
+
+def test_tensorboard_logger_and_lr_monitor(cifar10_root, tmp_path):
+    """trainer.logger=tensorboard writes event files beside the CSV log; the learning rate is logged."""
+    cfg = load_config(None, TINY + ["gating.mode=dual", "gating.groups=2", f"data.root={cifar10_root}",
+                                    "trainer.logger=tensorboard", "trainer.limit_train_batches=3",
+                                    "trainer.monitor_every_n_epochs=0", "trainer.log_every_n_steps=1"])
+    out = tmp_path / "run"
+    pretrain(cfg, out)
+    assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    rows = read_log(out)
+    key = next(k for k in rows[0] if k.startswith("lr-"))  # one column per optimizer group
+    lr = [float(r[key]) for r in rows if r.get(key)]
+    assert len(lr) == 3 and lr[0] < lr[1] < lr[2]  # the warm-up, step by step
+    with pytest.raises(Exception, match="trainer.logger"):
+        load_config(None, ["trainer.logger=wandb"])
+
+
+def test_runtime_environment_of_the_cdg_command(tmp_path):
+    """`cdg` run directly gets the allocator and OpenMP settings the Makefile exports (re-executing
+    itself once when they are missing) and still works; settings the user chose are kept."""
+    import os
+    import subprocess
+    import sys
+
+    from cdg.__main__ import RUNTIME_ENV, runtime_env
+
+    assert runtime_env({}) == RUNTIME_ENV
+    assert "OMP_WAIT_POLICY" not in runtime_env({"OMP_WAIT_POLICY": "ACTIVE"})
+    env = {k: v for k, v in os.environ.items() if k not in RUNTIME_ENV and k != "CDG_NO_REEXEC"}
+    probe = ("import os, runpy, sys; sys.argv = ['cdg', 'flops', '--config', 'configs/cpu/simclr_cdg.yaml', '--json'];"
+             "import cdg.cli; cdg.cli.main = lambda: print('ENV', {k: os.environ.get(k) for k in %r}) or 0;"
+             "from cdg.__main__ import entry; sys.exit(entry())" % (list(RUNTIME_ENV),))
+    # entry() re-executes `python -m cdg` with the settings filled in: the real command runs and succeeds
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ENV" not in done.stdout and '"total_dense_macs"' in done.stdout  # the re-executed, real command ran
+    # with the settings present there is no re-execution: the patched main runs in this process
+    done = subprocess.run([sys.executable, "-c", probe], env={**env, **RUNTIME_ENV, "OMP_WAIT_POLICY": "ACTIVE"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "'OMP_WAIT_POLICY': 'ACTIVE'" in done.stdout

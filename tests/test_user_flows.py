@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from cdg.cli import main
+from cdg.export import read_backbone_file
 from cdg.config import ConfigError, load_config
 from cdg.fileio import RunFileError, atomic_torch_save, remove_partial_files
 from cdg.runs import read_log
@@ -165,7 +166,7 @@ def test_resume_keeps_log_history_extends_schedule_and_refuses_architecture(cifa
     monkeypatch.setenv("CDG_DATA", str(cifar10_root))
     out = tmp_path / "run"
     assert main(["pretrain", "--config", CONFIG, "--out", str(out), *TINY, "trainer.log_every_n_steps=1"]) == 0
-    first = torch.load(out / "backbone.pt", weights_only=True)
+    first = read_backbone_file(out / "backbone.pt")[0]
     rows = read_log(out)
     steps_1 = sorted({int(r["step"]) for r in rows if r.get("train/ssl_loss_step")})
     assert steps_1 == list(range(8))
@@ -187,9 +188,9 @@ def test_resume_keeps_log_history_extends_schedule_and_refuses_architecture(cifa
     with caplog.at_level("WARNING", logger="cdg"):
         assert main(["pretrain", "--resume", "--out", str(out), "trainer.max_epochs=2"]) == 0
     assert "schedule extended from 8 to 16 steps at step 8" in caplog.text
-    second = torch.load(out / "backbone.pt", weights_only=True)
+    second = read_backbone_file(out / "backbone.pt")[0]
     moved = [k for k, v in _params(first).items() if not torch.equal(v, second[k])]
-    assert len(moved) == len(_params(first))
+    assert _params(first) and len(moved) == len(_params(first))
     m = json.loads((out / "metrics.json").read_text())
     assert m["pretrain_epochs"] == 2 and m["pretrain_steps"] == 16
     assert m["protocol"]["pretrain_steps"]["changed_on_resume"][0]["changed"]["trainer.max_epochs"] == {"from": 1, "to": 2}
@@ -238,8 +239,8 @@ def test_mid_epoch_resume_is_exact(cifar10_root, tmp_path, monkeypatch):
     monkeypatch.setattr(SimCLR, "training_step", orig)
     assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
     pretrain(load_config(tmp_path / "resumed" / "config.yaml"), tmp_path / "resumed", resume=True)
-    a = torch.load(tmp_path / "straight" / "backbone.pt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "backbone.pt", weights_only=True)
+    a = read_backbone_file(tmp_path / "straight" / "backbone.pt")[0]
+    b = read_backbone_file(tmp_path / "resumed" / "backbone.pt")[0]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6), k
 

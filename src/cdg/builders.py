@@ -8,27 +8,12 @@ from torch import nn
 
 from cdg.config import Config, ConfigError
 from cdg.models import create_model
-from cdg.nn import make_conv_layer, threshold_from_sparsity
+from cdg.nn import get_gating_mode, threshold_from_sparsity
 
 
 def conv_layer_for(cfg: Config):
-    """The 3x3 conv factory of ``cfg.gating`` (dense, dual, shared_base or unified)."""
-    g = cfg.gating
-    if g.mode == "dense":
-        return make_conv_layer("dense")
-    if g.mode == "fbs":
-        return make_conv_layer("fbs", keep_ratio=g.keep_ratio if g.keep_ratio is not None else 0.5,
-                               l1=g.predictor_loss if g.predictor_loss is not None else 1e-8,
-                               scale_free=g.scale_free_saliency)
-    if g.mode == "dgc":
-        return make_conv_layer("dgc", heads=g.groups, keep_ratio=g.keep_ratio if g.keep_ratio is not None else 0.45,
-                               squeeze=g.squeeze, loss_coef=g.predictor_loss if g.predictor_loss is not None else 1e-5,
-                               scale_free=g.scale_free_saliency)
-    return make_conv_layer(
-        g.mode, gate_groups=g.groups, overlap=g.overlap if g.mode == "dual" else 0,
-        group_size=g.group_size, norm=g.norm, surrogate=g.surrogate, alpha=g.alpha, tau_init=g.tau_init,
-        compile_gate=g.compile_gate, base_conv=g.base_conv, gate_kernel=g.gate_kernel,
-    )
+    """The 3x3 conv factory of ``cfg.gating`` (its mode's entry in :data:`cdg.nn.GATING_MODES`)."""
+    return get_gating_mode(cfg.gating.mode).conv_layer(cfg.gating)
 
 
 def build_backbone(cfg: Config) -> nn.Module:
@@ -49,6 +34,13 @@ def build_backbone(cfg: Config) -> nn.Module:
 def dataset_kwargs(cfg: Config) -> dict[str, Any]:
     """The dataset options of ``cfg.data`` for :func:`cdg.data.build_dataset` (CIFAR-100's label type)."""
     return {"label_type": cfg.data.label_type} if cfg.data.dataset == "cifar100" else {}
+
+
+def build_eval_datasets(cfg: Config):
+    """The (train, test) splits of ``cfg.data`` that evaluation reads (checked to share classes)."""
+    from cdg.data import build_train_test
+
+    return build_train_test(cfg.data.dataset, cfg.data.root, cfg.data.download, **dataset_kwargs(cfg))
 
 
 def gating_target(cfg: Config) -> float:

@@ -45,9 +45,10 @@ class ModelConfig:
 
 @dataclass
 class GatingConfig:
-    """docs/design.md §1, §3, §5. ``mode``: dense, dual (CDG), shared_base (CGNet_SimCLR), unified."""
+    """docs/design.md §1, §3, §5. ``mode``: a gating mode of :data:`cdg.nn.GATING_MODES` (dense,
+    dual (CDG), shared_base (CGNet_SimCLR), unified, fbs, dgc)."""
 
-    mode: Literal["dense", "dual", "shared_base", "unified", "fbs", "dgc"] = "dense"
+    mode: str = "dense"
     groups: int = 4  # G
     overlap: Literal[0, 50, 75, 100] = 0  # Table 2 ablation (dual mode)
     group_size: int = 1  # C_g of the structured variant (Eq. 12)
@@ -60,8 +61,8 @@ class GatingConfig:
     lam: float = 1e-4  # lambda of Eq. 11
     ramp_epochs: int = 0  # linear ramp of s from tau_init over this many epochs (0: off)
     # baselines (docs/design.md §5): mode fbs / dgc; DGC heads = groups
-    keep_ratio: Optional[float] = None  # FBS d / DGC g; None: 0.5 (fbs), 0.45 (dgc)
-    predictor_loss: Optional[float] = None  # FBS l1 / DGC loss_coef; None: 1e-8 (fbs), 1e-5 (dgc)
+    keep_ratio: Optional[float] = None  # FBS d / DGC g; None: the layer's default (cdg.nn.GATING_MODES)
+    predictor_loss: Optional[float] = None  # FBS l1 / DGC loss_coef; None: the layer's default
     squeeze: int = 16  # DGC r of the salience generators (halved when C_in < 80)
     # FBS / DGC predictors on the RMS-normalised pooled input: no longer squares an atypical image's
     # scale at every layer as the design §5 form does (finite eval features at 4 epochs, but still
@@ -124,6 +125,10 @@ class TrainerConfig:
     monitor_images: int = 2000  # images used by the kNN/S_c monitor
     nan_check_every_n_steps: int = 1
     progress_bar: bool = True
+    # CSV logs always (logs/metrics.csv); tensorboard adds TensorBoard event files (logs/tensorboard)
+    logger: Literal["csv", "tensorboard"] = "csv"
+    # synchronise BatchNorm statistics across DDP processes (SimSiam's BN heads want it on multi-GPU runs)
+    sync_batchnorm: bool = False
 
 
     def resolved_precision(self) -> str:
@@ -287,11 +292,15 @@ def _validate(cfg: Config) -> None:
     """Reject values that cannot run or make no sense, naming the key and what is expected."""
     from cdg.models.resnet import stage_widths
 
+    from cdg.nn.modes import GATING_MODES
+
     g, t, d, o, m, e = cfg.gating, cfg.trainer, cfg.data, cfg.optim, cfg.method, cfg.eval
+    if g.mode not in GATING_MODES:
+        raise ConfigError(f"invalid value {g.mode!r} for 'gating.mode'; valid: {', '.join(map(repr, GATING_MODES))}")
     if g.mode != "dense" and g.groups not in (1, 2, 4, 8):
         raise ConfigError(f"invalid value {g.groups!r} for 'gating.groups'; valid: 1, 2, 4, 8")
     _check_range("model.width", cfg.model.width, 0, low_open=True)
-    if g.mode in ("dual", "shared_base", "unified"):
+    if GATING_MODES[g.mode].uses_groups:
         if g.group_size < 1:
             raise ConfigError(f"'gating.group_size' must be >= 1, got {g.group_size}")
         for c in stage_widths(cfg.model.width):
@@ -441,7 +450,7 @@ RESUMABLE_KEYS: frozenset[str] = frozenset({
     "name", "trainer.max_epochs", "trainer.precision", "trainer.accelerator", "trainer.strategy",
     "trainer.channels_last", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps",
     "trainer.monitor_every_n_epochs", "trainer.monitor_images", "trainer.nan_check_every_n_steps",
-    "trainer.progress_bar", "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
+    "trainer.progress_bar", "trainer.logger", "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
     "gating.compile_gate", "gating.base_conv", "gating.gate_kernel",  # the same values, computed differently
 }) | {f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)}
 

@@ -13,6 +13,7 @@ import torch
 from cdg.builders import build_backbone
 from cdg.config import Config, load_config
 from cdg.fileio import RunFileError, atomic_write_text, load_torch_file
+from cdg.nn import get_gating_mode
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, Any]:
@@ -34,7 +35,13 @@ def update_metrics(run_dir: str | Path, values: dict[str, Any], protocol: dict[s
 
 
 def load_run(run_dir: str | Path) -> tuple[Config, torch.nn.Module]:
-    """The config and the pre-trained backbone (``backbone.pt``, else the last checkpoint)."""
+    """The config and the pre-trained backbone (``backbone.pt``, else the last checkpoint).
+
+    ``backbone.pt`` may be the self-describing format of :mod:`cdg.export` (its model/gating
+    settings must match ``config.yaml``'s, else :class:`RunFileError` names the keys) or a bare
+    state dict from before it."""
+    from cdg.export import read_backbone_file, settings_mismatch
+
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is not a cdg run directory (no config.yaml); run `cdg pretrain --out {run}` first")
@@ -42,7 +49,10 @@ def load_run(run_dir: str | Path) -> tuple[Config, torch.nn.Module]:
     backbone = build_backbone(cfg)
     weights = run / "backbone.pt"
     if weights.is_file():
-        state = load_torch_file(weights, "backbone weights")
+        state, meta = read_backbone_file(weights)
+        diffs = settings_mismatch(meta, cfg) if meta is not None else []
+        if diffs:
+            raise RunFileError(f"{weights} was saved for other settings than {run / 'config.yaml'}: {'; '.join(diffs)}")
     else:
         ckpt = run / "checkpoints" / "last.ckpt"
         if not ckpt.is_file():
@@ -88,17 +98,52 @@ def _step(row: dict[str, str]) -> int:
 
 def base_protocol(cfg: Config, **extra: Any) -> dict[str, Any]:
     """The facts every reported number carries: dataset, model, width, gating, method, seed."""
-    g = cfg.gating
-    if g.mode == "dense":
-        gating = "dense"
-    elif g.mode == "fbs":
-        gating = f"fbs keep={g.keep_ratio if g.keep_ratio is not None else 0.5}"
-    elif g.mode == "dgc":
-        gating = f"dgc heads={g.groups} keep={g.keep_ratio if g.keep_ratio is not None else 0.45}"
-    else:
-        s = g.target if g.target_sparsity is None else f"Phi^-1({g.target_sparsity})"
-        gating = f"{g.mode} G={g.groups} C_g={g.group_size} overlap={g.overlap}% s={s}"
+    gating = get_gating_mode(cfg.gating.mode).label(cfg.gating)
     return {
         "dataset": cfg.data.dataset, "model": cfg.model.name, "width": cfg.model.width, "method": cfg.method.name,
         "gating": gating, "seed": cfg.trainer.seed, **extra,
     }
+
+
+#: the rows of :func:`run_report`: metrics.json key, label, unit
+REPORT_KEYS: tuple[tuple[str, str, str], ...] = (
+    ("linear_top1", "linear probe top-1", "%"), ("linear_top1_random_init", "same probe, random-init backbone", "%"),
+    ("linear_sgd_top1", "linear probe (SGD) top-1", "%"), ("knn_top1", "kNN top-1", "%"),
+    ("finetune_top1", "fine-tune top-1", "%"), ("eta", "eta (test, a1)", "%"),
+    ("flops_reduction_eq13", "FLOPs reduction, nominal (Eq. 13 for CDG)", "x"),
+    ("flops_reduction_exact", "FLOPs reduction, exact whole network", "x"),
+    ("finetune_eta", "eta after fine-tuning (test, a1)", "%"),
+    ("finetune_flops_reduction_exact", "FLOPs reduction after fine-tuning, exact", "x"),
+    ("pretrain_wall_s", "pre-training wall time", "s"), ("pretrain_images_per_s", "pre-training throughput", "img/s"),
+    ("pretrain_images_seen", "pre-training images seen", "images"),
+)
+
+
+def _fmt(value: Any, unit: str) -> str:
+    if unit == "%":
+        return f"{100 * value:.2f}%"
+    if unit == "x":
+        return f"{value:.2f}x"
+    return f"{value:,.0f} {unit}" if unit == "images" else f"{value:.1f} {unit}"
+
+
+def run_report(run_dir: str | Path) -> str:
+    """A run's metrics as a Markdown table: the protocol items every row shares once, above the
+    table, then each row with only the protocol items where it differs from them."""
+    m = read_metrics(run_dir)
+    if not m:
+        raise FileNotFoundError(f"{run_dir}/metrics.json not found or empty; run pretrain and an evaluation first")
+    prot = m.get("protocol", {})
+    rows = [(key, label, unit) for key, label, unit in REPORT_KEYS if m.get(key) is not None]
+    protos = [prot.get(key, {}) for key, _, _ in rows]
+    shared = dict(protos[0]) if protos else {}
+    for p in protos[1:]:
+        shared = {k: v for k, v in shared.items() if p.get(k) == v}
+    lines = [f"# cdg run report: {run_dir}", ""]
+    if shared:
+        lines += ["Shared by every row: " + "; ".join(f"{k}={v}" for k, v in shared.items()), ""]
+    lines += ["| metric | value | protocol (where it differs) |", "|---|---|---|"]
+    for (key, label, unit), p in zip(rows, protos):
+        own = "; ".join(f"{k}={v}" for k, v in p.items() if k not in shared)
+        lines.append(f"| {label} | {_fmt(m[key], unit)} | {own} |")
+    return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -325,13 +325,33 @@ class SaveConfig(Callback):
             atomic_write_text(p, json.dumps(history, indent=2))
 
 
+def build_loggers(cfg: Config, out: Path) -> list[Any]:
+    """CSV always (``logs/metrics.csv``: the run's plots and results read it), plus TensorBoard
+    (``logs/tensorboard``) with ``trainer.logger=tensorboard`` (needs the ``tensorboard`` extra)."""
+    loggers: list[Any] = [CSVLogger(str(out), name="logs", version="")]
+    if cfg.trainer.logger == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        try:
+            loggers.append(TensorBoardLogger(str(out / "logs"), name="tensorboard", version=""))
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"trainer.logger=tensorboard needs TensorBoard ({e}): pip install 'cdg[tensorboard]' "
+                              "or use trainer.logger=csv") from None
+    return loggers
+
+
 def build_trainer(cfg: Config, out: Path, callbacks: list[Callback], max_epochs: int | None = None,
                   logger: Any = None, **kw: Any) -> L.Trainer:
+    """The Lightning Trainer of ``cfg.trainer``: precision, devices and strategy (DDP across GPUs or
+    CPU processes, ``sync_batchnorm``), the loggers of :func:`build_loggers` with a learning-rate
+    monitor, and atomic checkpoint writes (:class:`AtomicCheckpointIO`)."""
     t = cfg.trainer
+    loggers = logger if logger is not None else build_loggers(cfg, out)
+    callbacks = [*callbacks, LearningRateMonitor(logging_interval="step")] if loggers else callbacks
     return L.Trainer(
         default_root_dir=str(out), max_epochs=max_epochs or t.max_epochs, precision=t.resolved_precision(),
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-        logger=logger if logger is not None else CSVLogger(str(out), name="logs", version=""), callbacks=callbacks,
+        sync_batchnorm=t.sync_batchnorm, logger=loggers, callbacks=callbacks,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.progress_bar, plugins=[AtomicCheckpointIO()],
         limit_train_batches=t.limit_train_batches, num_sanity_val_steps=0, **kw,
     )
@@ -346,16 +366,25 @@ def device_name(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def _steps_per_epoch(cfg: Config, n_images: int) -> int:
-    """Optimizer steps per epoch (one process): full batches, cut by ``trainer.limit_train_batches``."""
-    steps = n_images // cfg.data.batch_size
+def _steps_per_epoch(cfg: Config, n_images: int, world_size: int = 1) -> int:
+    """Optimizer steps per epoch: full batches of one process's share of the images, cut by
+    ``trainer.limit_train_batches``.
+
+    Under DDP each of the ``world_size`` processes gets ceil(n_images / world_size) images per
+    epoch (Lightning's ``DistributedSampler`` pads the last share by repeating images) and steps
+    through its full batches of ``data.batch_size``; all processes step together. With one process
+    this is n_images // batch_size; with W it is n_images // (batch_size * W), or one more where the
+    padding completes a batch.
+    """
+    steps = -(-n_images // world_size) // cfg.data.batch_size
     lim = cfg.trainer.limit_train_batches
     if lim is not None:
         # Lightning's reading: an int (or a whole float above 1) counts batches, a float <= 1.0 is a fraction
         steps = min(steps, int(lim)) if isinstance(lim, int) or lim > 1 else int(steps * lim)
     if steps < 1:
-        why = (f"trainer.limit_train_batches={lim} leaves no batch" if n_images >= cfg.data.batch_size
-               else f"{n_images} training images give no full batch of data.batch_size={cfg.data.batch_size}")
+        share = "" if world_size == 1 else f" on each of {world_size} processes"
+        why = (f"trainer.limit_train_batches={lim} leaves no batch" if -(-n_images // world_size) >= cfg.data.batch_size
+               else f"{n_images} training images give no full batch of data.batch_size={cfg.data.batch_size}{share}")
         raise ConfigError(f"nothing to train on: {why} (data.train_images={cfg.data.train_images})")
     return steps
 
@@ -437,15 +466,6 @@ def pretrain(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, An
         log.warning("trainer.precision=bf16-mixed on a CPU without native bf16 (no AVX512-BF16/AMX): bf16 "
                     "autocast is emulated (benchmarks/bench_precision.py measured it 11x slower than fp32 on such a CPU); use trainer.precision=auto")
     ds = train_dataset(cfg, out)
-    steps = _steps_per_epoch(cfg, len(ds))
-    model = build_method(cfg, steps)
-    if cfg.trainer.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if resume and resumed_at >= model.total_steps and (out / "backbone.pt").is_file():
-        load_torch_file(out / "backbone.pt", "backbone weights")  # readable, or a clear error
-        log.warning("%s already finished %d epochs (step %d); nothing to do. Raise trainer.max_epochs to train longer.",
-                    out, cfg.trainer.max_epochs, resumed_at)
-        return {k: v for k, v in read_metrics(out).items() if k.startswith("pretrain_")}
     monitor = None
     if isinstance(ds, TensorImageDataset) and cfg.trainer.monitor_every_n_epochs > 0:
         n = min(cfg.trainer.monitor_images, len(ds))
@@ -471,18 +491,33 @@ def pretrain(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, An
                                          every_n_train_steps=cfg.trainer.checkpoint_every_n_steps))
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
-    _rotate_log(out / "logs", resumed_at)
+    # the trainer before the model: the schedule's steps per epoch depend on its world size (the
+    # trainer needs no model; it neither writes nor draws random numbers before fit)
     trainer = build_trainer(cfg, out, callbacks)
+    steps = _steps_per_epoch(cfg, len(ds), trainer.world_size)
+    model = build_method(cfg, steps)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if resume and resumed_at >= model.total_steps and (out / "backbone.pt").is_file():
+        load_torch_file(out / "backbone.pt", "backbone weights")  # readable, or a clear error
+        log.warning("%s already finished %d epochs (step %d); nothing to do. Raise trainer.max_epochs to train longer.",
+                    out, cfg.trainer.max_epochs, resumed_at)
+        return {k: v for k, v in read_metrics(out).items() if k.startswith("pretrain_")}
+    _rotate_log(out / "logs", resumed_at)
     loader = train_loader(cfg, ds, resumable=trainer.world_size == 1)
     if isinstance(loader, ResumableLoader):
         exact.sampler = loader.sampler
     trainer.fit(model, loader, ckpt_path=str(ckpt) if ckpt is not None else None)
     if trainer.global_rank == 0:
-        atomic_torch_save(model.backbone.state_dict(), out / "backbone.pt")
+        from cdg.export import save_backbone  # self-describing backbone.pt (cdg.export)
+        save_backbone(out / "backbone.pt", cfg, model.backbone)
         stats = gate_monitor.last_train_stats
         seen = trainer.global_step * cfg.data.batch_size * trainer.world_size
         values: dict[str, Any] = {"pretrain_wall_s": clock.elapsed(), "pretrain_epochs": trainer.current_epoch,
-                                  "pretrain_steps": trainer.global_step, "pretrain_images": len(ds),
+                                  "pretrain_steps": trainer.global_step,
+                                  # images the processes together step through per epoch (full batches,
+                                  # cut by limit_train_batches); the data set's size is protocol.train_images
+                                  "pretrain_images": steps * cfg.data.batch_size * trainer.world_size,
                                   "pretrain_images_seen": seen, "pretrain_device": device_name(trainer.strategy.root_device)}
         ips = clock.images_per_s(trainer, cfg.data.batch_size)
         if ips is not None:  # a resume that ran no step keeps the throughput measured before
@@ -496,6 +531,8 @@ def pretrain(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, An
             extra["changed_on_resume"] = json.loads(history.read_text())
         update_metrics(out, values, base_protocol(cfg, stage="pretrain", epochs=cfg.trainer.max_epochs,
                                                   train_images=len(ds), batch_size=cfg.data.batch_size,
+                                                  processes=trainer.world_size,
+                                                  global_batch=cfg.data.batch_size * trainer.world_size,
                                                   precision=cfg.trainer.resolved_precision(), **extra))
         return values
     return {}

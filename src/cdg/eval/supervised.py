@@ -11,7 +11,6 @@ Both augment with random resized crop (scale 0.08-1) and horizontal flip, batche
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -22,7 +21,9 @@ from torch import Tensor, nn
 from cdg.builders import gating_target
 from cdg.config import Config
 from cdg.data import AugmentConfig, BatchAugment, dataset_info, normalize_batch
-from cdg.nn import pop_aux_losses, sparsity_objective
+from cdg.nn import pop_aux_losses, sparsity_objective, threshold_layers
+from cdg.optim import build_warmup_cosine_scheduler
+from cdg.optim.schedule import total_steps
 
 
 class SupervisedHead(L.LightningModule):
@@ -70,13 +71,11 @@ class SupervisedHead(L.LightningModule):
     def configure_optimizers(self):
         e = self.cfg.eval
         if self.finetune:
-            params = [p for p in self.parameters() if p.requires_grad]
-            taus = [p for n, p in self.named_parameters() if n.endswith(".tau")]
-            tau_ids = {id(p) for p in taus}
-            groups = [{"params": [p for p in params if id(p) not in tau_ids]}, {"params": taus, "weight_decay": 0.0}]
+            taus = {f"backbone.{n}.tau": m.tau for n, m in threshold_layers(self.backbone)}
+            rest = [p for n, p in self.named_parameters() if p.requires_grad and n not in taus]
+            groups = [{"params": rest}, {"params": list(taus.values()), "weight_decay": 0.0}]
             opt = torch.optim.SGD([g for g in groups if g["params"]], lr=e.finetune_lr, momentum=0.9, weight_decay=e.finetune_weight_decay)
-            total = e.finetune_epochs * self.steps_per_epoch
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+            sched = build_warmup_cosine_scheduler(opt, 0, total_steps(e.finetune_epochs, self.steps_per_epoch))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         opt = torch.optim.SGD(self.classifier.parameters(), lr=e.linear_lr, momentum=0.9, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, e.linear_milestones, 0.1)

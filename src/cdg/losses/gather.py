@@ -23,9 +23,11 @@ class GatherLayer(torch.autograd.Function):
     """``all_gather`` with gradient (as in solo-learn / lightly).
 
     Forward: ``out[r] = x_r`` for every rank r. Backward: each rank receives the gradient of its
-    own slice summed over all ranks (``all_reduce`` of the stacked gradients). When every rank
-    computes the same global loss and DDP averages parameter gradients over the W ranks, the net
-    update equals the gradient of that global loss.
+    own slice summed over all ranks (``all_reduce`` of the stacked gradients). When rank r's loss
+    is L_r and the global loss is L = 1/W * sum_r L_r (e.g. :class:`cdg.losses.NTXentLoss`'s local
+    anchors against gathered keys), rank r's input x_r thus gets d(sum_r' L_r')/dx_r = W * dL/dx_r,
+    and DDP's averaging of parameter gradients over the W ranks makes the update dL/dtheta. (The
+    same holds when every rank computes the whole global loss: then each gets W * dL/dx_r too.)
     """
 
     @staticmethod

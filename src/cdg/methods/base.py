@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from cdg.builders import build_backbone, gating_target
 from cdg.config import Config
 from cdg.data import BatchAugment, augment_preset
-from cdg.nn import pop_aux_losses, set_pruning_progress, sparsity_objective, threshold_layers
+from cdg.nn import get_gating_mode, pop_aux_losses, set_pruning_progress, sparsity_objective, threshold_layers
 from cdg.optim import LARS, build_warmup_cosine_scheduler, split_params_for_lars
-from cdg.optim.schedule import WarmupCosineFactor
+from cdg.optim.schedule import WarmupCosineFactor, total_steps
 
 log = logging.getLogger("cdg")
 
@@ -70,8 +70,8 @@ class SSLMethod(L.LightningModule):
 
     @property
     def total_steps(self) -> int:
-        """Optimizer steps of the whole run (one process): ``trainer.max_epochs`` x steps per epoch."""
-        return max(1, self.cfg.trainer.max_epochs * self.steps_per_epoch)
+        """Optimizer steps of the whole run: ``trainer.max_epochs`` x steps per epoch."""
+        return total_steps(self.cfg.trainer.max_epochs, self.steps_per_epoch)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """DGC pruning-rate ramp (docs/design.md §5): fraction of training done, on every module (MoCo key encoder too)."""
@@ -105,26 +105,32 @@ class SSLMethod(L.LightningModule):
         reg = sparsity_objective(self.backbone, self.current_target(), self.cfg.gating.lam).to(loss.device)
         aux = pop_aux_losses(self.backbone).to(loss.device)  # FBS / DGC predictor losses, both views
         total = loss + reg + aux
-        if self.cfg.gating.mode in ("fbs", "dgc"):
+        mode = get_gating_mode(self.cfg.gating.mode)
+        if mode.has_predictor_loss:
             self.log("train/predictor_loss", aux.detach(), on_step=True, on_epoch=True, batch_size=v1.shape[0])
-        self.log("train/ssl_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=v1.shape[0])
-        if self.cfg.gating.mode != "dense":
+        # under DDP each process holds its share of the global loss (local anchors): log their mean
+        self.log("train/ssl_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=v1.shape[0],
+                 sync_dist=True)
+        if mode.gated:
             self.log("train/sparsity_reg", reg.detach(), on_step=True, on_epoch=True, batch_size=v1.shape[0])
         return total
 
     # --- optimisation ----------------------------------------------------------------------
+    #: submodules (attribute names) trained at a fixed learning rate, each in a group of its own
+    fixed_lr_modules: tuple[str, ...] = ()
+
     def param_groups(self) -> list[dict[str, Any]]:
-        """LARS/SGD groups; tau (gating thresholds) alone, no weight decay, no LARS scaling (docs/design.md §3)."""
-        taus = {id(m.tau) for _, m in threshold_layers(self.backbone)}
-        groups = split_params_for_lars(self, extra_exclude=lambda n, p: id(p) in taus)
-        out: list[dict[str, Any]] = []
-        for g in groups:
-            rest = [p for p in g["params"] if id(p) not in taus]
-            if rest:
-                out.append({**g, "params": rest})
-        tau_params = [p for p in self.parameters() if id(p) in taus and p.requires_grad]
-        if tau_params:
-            out.append({"params": tau_params, "weight_decay": 0.0, "lars_exclude": True, "name": "tau"})
+        """Optimizer groups, by name: LARS-scaled weights and the excluded 1-D parameters
+        (:func:`cdg.optim.split_params_for_lars`), the gating thresholds tau alone (no weight decay,
+        no LARS scaling; docs/design.md §3), and each of :attr:`fixed_lr_modules` alone."""
+        taus = {f"backbone.{n}.tau": m.tau for n, m in threshold_layers(self.backbone)}
+        fixed = tuple(f"{m}." for m in self.fixed_lr_modules)
+        out = split_params_for_lars(self, skip=lambda n: n in taus or n.startswith(fixed))
+        if taus:
+            out.append({"params": list(taus.values()), "weight_decay": 0.0, "lars_exclude": True, "name": "tau"})
+        for name in self.fixed_lr_modules:
+            out.append({"params": list(getattr(self, name).parameters()), "fixed_lr": self.cfg.optim.predictor_fixed_lr,
+                        "name": name})
         return out
 
     def configure_optimizers(self):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from cdg.config import Config
@@ -13,6 +11,9 @@ from cdg.methods.base import SSLMethod, projector_in_dim
 
 
 class SimSiam(SSLMethod):
+    #: the predictor keeps a fixed learning rate (SimSiam; solo-learn's static_lr)
+    fixed_lr_modules = ("predictor",)
+
     def __init__(self, cfg: Config, steps_per_epoch: int = 1) -> None:
         super().__init__(cfg, steps_per_epoch)
         m = cfg.method
@@ -25,14 +26,3 @@ class SimSiam(SSLMethod):
         z2 = self.projector(self.backbone(v2, 1))
         p1, p2 = self.predictor(z1), self.predictor(z2)
         return 0.5 * (self.criterion(p1, z2) + self.criterion(p2, z1))
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The predictor keeps a fixed learning rate (SimSiam; solo-learn's static_lr)."""
-        pred = {id(p) for p in self.predictor.parameters()}
-        groups = []
-        for g in super().param_groups():
-            rest = [p for p in g["params"] if id(p) not in pred]
-            if rest:
-                groups.append({**g, "params": rest})
-        groups.append({"params": list(self.predictor.parameters()), "fixed_lr": self.cfg.optim.predictor_fixed_lr})
-        return groups

@@ -5,23 +5,26 @@ the *dense twin* of the network (same shapes, dense 3x3 convolutions); FLOPs = 2
 layer with G groups and conditional-path sparsity eta_l costs F_l (1/G + (1 - 1/G)(1 - eta_l))
 plus its gate: per salience element a few operations (instance norm, compare, select; counted as
 ``GATE_OPS_PER_ELEMENT`` MAC-equivalents) and the C_g-group average of the structured variant.
+Each layer states its own cost (:class:`cdg.nn.GatedLayer`'s ``base_fraction`` and ``gate_macs``);
+FBS / DGC have no base path and pay for their salience predictors instead.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-GATE_OPS_PER_ELEMENT = 4
+from cdg.nn.gated import GatedLayer
+from cdg.nn.gated_conv import GATE_OPS_PER_ELEMENT
+from cdg.nn.modes import flops_reduction_eq13
+from cdg.nn.sparsity import gated_layers
 
-
-def flops_reduction_eq13(eta: float, gate_groups: int) -> float:
-    """Eq. 13: D = 1 / (1/G + (1 - eta)(1 - 1/G))."""
-    g = gate_groups
-    return 1.0 / (1.0 / g + (1.0 - eta) * (1.0 - 1.0 / g))
+__all__ = ["GATE_OPS_PER_ELEMENT", "LayerMACs", "MACReport", "count_macs", "flops_reduction_eq13", "mac_report"]
 
 
 @dataclass
@@ -32,8 +35,8 @@ class LayerMACs:
     gate_groups: int = 1
     group_size: int = 1
     out_elements: int = 0  # C_out x H x W for one image
-    kind: str = "cdg"  # "cdg" (GatedConv2d), "fbs" or "dgc" (docs/design.md §5 baselines)
-    predictor_macs: int = 0  # FBS: C_in*C_out; DGC: heads*2*C_in*(C_in/r) (the layer's predictor_macs())
+    base_fraction: float = 1.0  # share of `macs` computed whatever the gate says (CDG 1/G, FBS/DGC 0)
+    gate_macs: float = 0.0  # the gate's own cost for one image (CDG's gate ops, FBS/DGC predictors)
 
 
 @dataclass
@@ -50,13 +53,8 @@ class MACReport:
             eta = eta_per_layer if isinstance(eta_per_layer, (int, float)) else (eta_per_layer or {}).get(l.name)
             if eta is None:
                 raise ValueError(f"no eta given for gated layer {l.name}")
-            if l.kind in ("fbs", "dgc"):  # skipped channel computations + salience predictor (docs/design.md §5)
-                kept, overhead = l.macs * (1.0 - eta), l.predictor_macs
-            else:
-                g = l.gate_groups
-                kept = l.macs * (1.0 / g + (1.0 - 1.0 / g) * (1.0 - eta))
-                overhead = GATE_OPS_PER_ELEMENT * l.out_elements / l.group_size + (l.out_elements if l.group_size > 1 else 0)
-            total += kept + overhead - l.macs
+            b = l.base_fraction
+            total += l.macs * (b + (1.0 - b) * (1.0 - eta)) + l.gate_macs - l.macs
         return total
 
     def reduction_exact(self, eta_per_layer: dict[str, float] | float) -> float:
@@ -73,11 +71,13 @@ def _leaf_convs(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def count_macs(dense_model: nn.Module, input_size: tuple[int, ...], gated: dict[str, tuple] | None = None) -> MACReport:
+def count_macs(dense_model: nn.Module, input_size: tuple[int, ...],
+               gated: Mapping[str, GatedLayer] | None = None) -> MACReport:
     """Per-layer dense MACs of ``dense_model`` for one image of ``input_size`` (C, H, W).
 
-    ``gated`` maps a layer name to (G, C_g) for the layers a gated twin gates, or to
-    (G, C_g, kind, predictor_macs) for the FBS / DGC baselines.
+    ``gated`` maps a layer name to the gated layer that a gated twin of the network has there
+    (e.g. ``dict(cdg.nn.gated_layers(gated_twin))``); each such layer's cost follows its own
+    ``base_fraction`` and ``gate_macs``.
     """
     was = dense_model.training
     dense_model.eval()
@@ -100,7 +100,24 @@ def count_macs(dense_model: nn.Module, input_size: tuple[int, ...], gated: dict[
     for name in _leaf_convs(dense_model):
         flops = sum(counts.get(f"{root}.{name}", {}).values())
         shape = out_shapes.get(name, ())
-        g, cg, kind, pred = (tuple(gated.get(name, (1, 1))) + ("cdg", 0))[:4]
         elems = int(torch.tensor(shape[1:]).prod()) if shape else 0
-        report.layers.append(LayerMACs(name, int(flops // 2), name in gated, g, cg, elems, kind, int(pred)))
+        layer = gated.get(name)
+        if layer is None:
+            report.layers.append(LayerMACs(name, int(flops // 2), out_elements=elems))
+        else:
+            report.layers.append(LayerMACs(name, int(flops // 2), True, layer.gate_groups, layer.group_size, elems,
+                                           layer.base_fraction, layer.gate_macs(elems)))
     return report
+
+
+def mac_report(cfg: Any) -> MACReport:
+    """The MAC report of a run's config (``cdg.config.Config``): the dense twin counted by
+    PyTorch's FLOP counter on one image of the dataset's size, with the config's gated layers."""
+    from cdg.builders import build_backbone
+    from cdg.data import dataset_info
+
+    gated = dict(gated_layers(build_backbone(cfg)))
+    dense_cfg = copy.deepcopy(cfg)
+    dense_cfg.gating.mode = "dense"
+    size = dataset_info(cfg.data.dataset).image_size or 224
+    return count_macs(build_backbone(dense_cfg), (3, size, size), gated)

@@ -15,20 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from cdg.models.registry import register_model
+from cdg.nn.gated import Conv3x3
 
 
 class ConvLayer(Protocol):
     def __call__(self, in_channels: int, out_channels: int, stride: int = 1) -> nn.Module: ...
-
-
-class Conv3x3(nn.Conv2d):
-    """Dense 3x3 convolution (padding 1, no bias) that accepts and ignores ``branch``."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__(in_channels, out_channels, 3, stride, 1, bias=False)
-
-    def forward(self, x: Tensor, branch: int = 0) -> Tensor:  # type: ignore[override]
-        return super().forward(x)
 
 
 def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:

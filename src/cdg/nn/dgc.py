@@ -79,8 +79,6 @@ class DGCConv2d(DynamicPruningConv):
     [h * C_out/heads, (h+1) * C_out/heads).
     """
 
-    gating_kind = "dgc"
-
     def __init__(
         self,
         in_channels: int,

@@ -16,10 +16,10 @@ Training computes ``conv(x)`` densely and multiplies by the mask; at inference t
 channels of a sample are simply not computed, so they cost nothing: the layer costs
 ``9 C_in C_out H W (1 - eta) + C_in C_out`` MACs per image (:meth:`FBSConv2d.macs_per_image`).
 
-This module also holds :class:`DynamicPruningConv`, the statistics surface that FBS and DGC
-(:mod:`cdg.nn.dgc`) share with :class:`cdg.nn.GatedConv2d` (``gate_counts``, ``track_stats``,
-``keep_masks``, ``last_masks``, ``reset_stats``), so that :func:`cdg.nn.gate_statistics` and
-:func:`cdg.nn.mask_similarity` work on all of them unchanged.
+This module also holds :class:`DynamicPruningConv`, the part FBS and DGC (:mod:`cdg.nn.dgc`)
+share: a :class:`cdg.nn.gated.GatedLayer` with a salience predictor, its auxiliary loss and no
+base path, so that :func:`cdg.nn.gate_statistics` and :func:`cdg.nn.mask_similarity` work on
+them as on CDG's layers.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdg.nn.gated_conv import GateCounts
+from cdg.nn.gated import GatedLayer
 
 
 def kept_channels(keep_ratio: float, channels: int) -> int:
@@ -54,7 +54,7 @@ def top_k_mask(scores: Tensor, k: int, dim: int = -1) -> Tensor:
     return torch.zeros_like(scores).scatter_(dim, idx, 1.0)
 
 
-class DynamicPruningConv(GateCounts):
+class DynamicPruningConv(GatedLayer):
     """Statistics and auxiliary-loss plumbing shared by :class:`FBSConv2d` and ``DGCConv2d``.
 
     * ``gate_counts`` (non-persistent float64 buffer, on the device): [phase (0 train, 1 eval),
@@ -79,19 +79,12 @@ class DynamicPruningConv(GateCounts):
       happened to 0.03% (DGC) and 1.4% (FBS) of the images (docs/results.md).
     """
 
-    gating_kind = "dynamic"
-
     def __init__(self, in_channels: int, out_channels: int, stride: int, scale_free: bool = False) -> None:
-        super().__init__()
         for name, c in (("in_channels", in_channels), ("out_channels", out_channels)):
             if c < 1:
                 raise ValueError(f"{type(self).__name__}: {name} must be >= 1, got {c}")
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        super().__init__(in_channels, out_channels, stride)
         self.scale_free = bool(scale_free)
-        self.register_buffer("gate_counts", torch.zeros(2, 2, 2, dtype=torch.float64), persistent=False)
-        self.track_stats = True
-        self.keep_masks = False
-        self.last_masks: dict[int, Tensor] = {}
         self._aux: dict[int, Tensor] = {}
 
     def pooled(self, x: Tensor) -> Tensor:
@@ -124,9 +117,6 @@ class DynamicPruningConv(GateCounts):
             return torch.zeros((), device=self.gate_counts.device)
         losses, self._aux = list(self._aux.values()), {}
         return torch.stack([l.float() for l in losses]).sum()
-
-    def reset_stats(self) -> None:
-        self.gate_counts.zero_()
 
     def dense_macs(self, h_out: int, w_out: int) -> int:
         """MACs of the dense 3x3 convolution for one image: 9 * C_in * C_out * H_out * W_out."""
@@ -165,8 +155,6 @@ class FBSConv2d(DynamicPruningConv):
     ``gate_groups`` is 1 (FBS has no base path; Table 6 lists no groups), ``group_size`` 1.
     eta of a call is ``(C_out - k) / C_out``.
     """
-
-    gating_kind = "fbs"
 
     def __init__(
         self, in_channels: int, out_channels: int, stride: int = 1, keep_ratio: float = 0.5, l1: float = 1e-8,

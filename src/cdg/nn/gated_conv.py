@@ -32,12 +32,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdg.nn.gate_kernel import instance_gate, supports as kernel_supports
+from cdg.nn.gated import GatedLayer
 
 GatingMode = Literal["dual", "shared_base", "unified"]
 Norm = Literal["instance", "batch"]
 Surrogate = Literal["sigmoid", "one_sided", "hard_sigmoid"]
 
-GATING_MODES: tuple[str, ...] = ("dual", "shared_base", "unified")
+#: the ``mode`` values GatedConv2d takes (the gating modes of cdg.nn.modes that build it)
+GATED_CONV_MODES: tuple[str, ...] = ("dual", "shared_base", "unified")
+#: MAC-equivalents per salience element of the gate: instance-norm moments, compare, select
+GATE_OPS_PER_ELEMENT = 4
 NORMS: tuple[str, ...] = ("instance", "batch")
 SURROGATES: tuple[str, ...] = ("sigmoid", "one_sided", "hard_sigmoid")
 BASE_CONVS: tuple[str, ...] = ("auto", "grouped", "masked")
@@ -61,8 +65,8 @@ def base_path_blocks(gate_groups: int, branch: int, mode: str = "dual", overlap:
     g = gate_groups
     if branch not in (0, 1):
         raise ValueError(f"branch must be 0 (a1) or 1 (a2), got {branch!r}")
-    if mode not in GATING_MODES:
-        raise ValueError(f"unknown gating mode {mode!r}; valid: {', '.join(GATING_MODES)}")
+    if mode not in GATED_CONV_MODES:
+        raise ValueError(f"unknown gating mode {mode!r}; valid: {', '.join(GATED_CONV_MODES)}")
     if overlap not in OVERLAPS:
         raise ValueError(f"unknown base-path overlap {overlap!r}; valid: {OVERLAPS}")
     diagonal = tuple(range(g))
@@ -290,21 +294,7 @@ def _group_repeat(t: Tensor, g: int, cdim: int) -> Tensor:
     return t if g == 1 else t.repeat_interleave(g, dim=cdim)
 
 
-class GateCounts(nn.Module):
-    """Base of the gated layers: keeps their ``gate_counts`` statistics buffer in float64 when the
-    module is cast (``.half()``, ``.to(torch.bfloat16)``), where a cast buffer would round the counts
-    (bf16 holds integers exactly only up to 256). Device moves apply as usual."""
-
-    gate_counts: Tensor
-
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        counts = self.gate_counts
-        super()._apply(fn, recurse)
-        self.gate_counts = counts.to(self.gate_counts.device)
-        return self
-
-
-class GatedConv2d(GateCounts):
+class GatedConv2d(GatedLayer):
     """3x3 channel-gated convolution with per-branch base paths (CDG, Eq. 1-3, 7-10, 12).
 
     Args:
@@ -351,7 +341,7 @@ class GatedConv2d(GateCounts):
         base_conv: str = "auto",
         gate_kernel: str = "auto",
     ) -> None:
-        super().__init__()
+        super().__init__(in_channels, out_channels, stride)
         g = gate_groups
         if g < 1:
             raise ValueError(f"gate_groups must be >= 1, got {g}")
@@ -369,7 +359,6 @@ class GatedConv2d(GateCounts):
             raise ValueError(f"unknown surrogate {surrogate!r}; valid: {', '.join(SURROGATES)}")
         if overlap and mode != "dual":
             raise ValueError(f"overlap={overlap} applies to mode 'dual' only (got mode {mode!r})")
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.gate_groups, self.mode, self.overlap = g, mode, overlap
         self.group_size, self.norm, self.surrogate, self.alpha = group_size, norm, surrogate, alpha
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
@@ -392,19 +381,14 @@ class GatedConv2d(GateCounts):
             for o, p in enumerate(pi):
                 block_mask[o * co:(o + 1) * co, p * ci:(p + 1) * ci] = 1
             self.register_buffer(f"_block_mask{b}", block_mask, persistent=False)
-        # statistics: [phase (0 train, 1 eval), branch, (closed, total)], kept on device (no sync)
-        self.register_buffer("gate_counts", torch.zeros(2, 2, 2, dtype=torch.float64), persistent=False)
-        self.track_stats = True
-        self.keep_masks = False
         self.fused = True  # training fast path (instance norm); False runs the three steps
         self.compile_gate = compile_gate  # run the fused gate math through torch.compile
-        self.last_masks: dict[int, Tensor] = {}
         self._a1_mask: Tensor | None = None
 
     # --- the three steps -------------------------------------------------------------------
     def base_weight(self, branch: int) -> Tensor:
         """W_b for ``branch``: the G blocks (o, pi(o)) stacked for a grouped convolution."""
-        g, co, ci = self.gate_groups, self.out_channels // self.gate_groups, self.in_channels // self.gate_groups
+        co, ci = self.out_channels // self.gate_groups, self.in_channels // self.gate_groups
         w = self.weight
         return torch.cat([w[o * co:(o + 1) * co, p * ci:(p + 1) * ci] for o, p in enumerate(self.blocks[branch])])
 
@@ -512,8 +496,22 @@ class GatedConv2d(GateCounts):
                 counts[0] += mask.numel() - opened
                 counts[1] += mask.numel()
 
-    def reset_stats(self) -> None:
-        self.gate_counts.zero_()
+    # --- the GatedLayer interface ------------------------------------------------------------
+    has_threshold = True
+
+    @property
+    def is_gated(self) -> bool:
+        """G = 1 is a plain dense convolution."""
+        return self.gate_groups > 1
+
+    @property
+    def base_fraction(self) -> float:
+        """The base path (Eq. 1): 1/G of the dense MACs."""
+        return 1.0 / self.gate_groups
+
+    def gate_macs(self, out_elements: int) -> float:
+        """``GATE_OPS_PER_ELEMENT`` per salience element, plus the C_g-group average (Eq. 12)."""
+        return GATE_OPS_PER_ELEMENT * out_elements / self.group_size + (out_elements if self.group_size > 1 else 0)
 
     def extra_repr(self) -> str:
         return (

@@ -11,24 +11,15 @@ from statistics import NormalDist
 import torch
 from torch import Tensor, nn
 
-from cdg.nn.gated_conv import GatedConv2d
+from cdg.nn.gated import GatedLayer
 
 
-def gated_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The gated convolutions of ``model``, in module order, with their names.
-
-    :class:`GatedConv2d` with G > 1 (CDG, CGNet) and the dynamic-pruning baselines
-    :class:`cdg.nn.fbs.FBSConv2d` and :class:`cdg.nn.dgc.DGCConv2d` (docs/design.md §5). All share the
-    statistics surface (``gate_counts``, ``in_channels``, ``reset_stats``, ``last_masks``); only
-    CDG/CGNet layers have thresholds ``tau`` (see :func:`threshold_layers`).
+def gated_layers(model: nn.Module) -> list[tuple[str, GatedLayer]]:
+    """The gated convolutions of ``model`` (:class:`GatedLayer` that skip computation), in module
+    order, with their names: CDG/CGNet layers with G > 1 and the FBS / DGC baselines
+    (docs/design.md §5). Only CDG/CGNet layers have thresholds ``tau`` (:func:`threshold_layers`).
     """
-    from cdg.nn.dgc import DGCConv2d
-    from cdg.nn.fbs import FBSConv2d
-
-    return [
-        (n, m) for n, m in model.named_modules()
-        if (isinstance(m, GatedConv2d) and m.gate_groups > 1) or isinstance(m, (FBSConv2d, DGCConv2d))
-    ]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GatedLayer) and m.is_gated]
 
 
 def threshold_from_sparsity(p: float) -> float:
@@ -111,9 +102,9 @@ def mask_similarity(model: nn.Module, x1: Tensor, x2: Tensor) -> float:
             m.keep_masks, m.track_stats, m.last_masks = False, True, {}
 
 
-def threshold_layers(model: nn.Module) -> list[tuple[str, GatedConv2d]]:
+def threshold_layers(model: nn.Module) -> list[tuple[str, GatedLayer]]:
     """The gated convolutions with a learned threshold ``tau`` (GatedConv2d, G > 1): Eq. 11 applies."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, GatedConv2d) and m.gate_groups > 1]
+    return [(n, m) for n, m in gated_layers(model) if m.has_threshold]
 
 
 def pop_aux_losses(model: nn.Module) -> Tensor:
@@ -122,7 +113,7 @@ def pop_aux_losses(model: nn.Module) -> Tensor:
     FBS: l1 * sum |g|; DGC: loss_coef * mean saliency (docs/design.md §5), for every branch called in
     training mode with gradients enabled. A 0-d zero when ``model`` has none.
     """
-    terms = [m.pop_aux_loss() for m in model.modules() if hasattr(m, "pop_aux_loss")]
+    terms = [m.pop_aux_loss() for m in model.modules() if isinstance(m, GatedLayer)]
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).sum()
@@ -131,5 +122,5 @@ def pop_aux_losses(model: nn.Module) -> Tensor:
 def set_pruning_progress(model: nn.Module, progress: float) -> None:
     """Tell every layer with a pruning schedule (DGC) the fraction of training done (0..1)."""
     for m in model.modules():
-        if hasattr(m, "set_progress"):
+        if isinstance(m, GatedLayer):
             m.set_progress(progress)

@@ -137,6 +137,7 @@ class LARS(Optimizer):
 def split_params_for_lars(
     module: nn.Module,
     extra_exclude: Callable[[str, nn.Parameter], bool] | None = None,
+    skip: Callable[[str], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Split ``module``'s trainable parameters into a LARS-scaled and an excluded group.
 
@@ -146,12 +147,13 @@ def split_params_for_lars(
     ``extra_exclude(name, param)`` is True, e.g. ``lambda n, p: n.endswith("tau")`` for the
     gating thresholds (docs/design.md §3: no weight decay, no trust-ratio scaling). The first group
     inherits the optimizer's defaults (weight decay, LARS scaling). Parameters with
-    ``requires_grad=False`` are skipped.
+    ``requires_grad=False``, and those whose name ``skip(name)`` accepts (a caller puts them in
+    groups of its own), are left out.
     """
     scaled: list[nn.Parameter] = []
     excluded: list[nn.Parameter] = []
     for name, param in module.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or (skip is not None and skip(name)):
             continue
         if param.ndim <= 1 or (extra_exclude is not None and extra_exclude(name, param)):
             excluded.append(param)

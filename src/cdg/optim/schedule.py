@@ -23,6 +23,11 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 
+def total_steps(epochs: int, steps_per_epoch: int) -> int:
+    """Optimizer steps of a run of ``epochs`` epochs (at least 1): the schedules' horizon."""
+    return max(1, int(epochs) * int(steps_per_epoch))
+
+
 def warmup_cosine(
     step: int,
     warmup_steps: int,
