@@ -327,3 +327,23 @@ def test_gate_counts_stay_float64_when_the_module_is_cast():
         with torch.no_grad():
             m(torch.randn(8, 16, 17, 17, dtype=torch.bfloat16), 0)
         assert m.gate_counts[1, 0, 1].item() == 8 * 16 * 17 * 17  # 289 * 128: not a bf16 number
+
+
+def test_eval_gate_compares_in_fp32_under_bf16():
+    """Issue 13 item 6: in bf16 the eval gate computes moments, threshold and comparison in fp32,
+    so its mask equals the fp32 gate's on the same (bf16-rounded) base-path values."""
+    torch.manual_seed(0)
+    conv = GatedConv2d(16, 32, gate_groups=4, gate_kernel="torch").eval()
+    with torch.no_grad():
+        conv.tau.copy_(torch.randn_like(conv.tau))
+        y = (torch.randn(4, 32, 8, 8) * 3 + 1).to(torch.bfloat16)
+        got = conv.gate(y)
+        ref = conv.gate(y.float())
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.float(), ref)
+    # the old form (threshold rounded to bf16, compared in bf16) flips gates on the same input
+    s = y
+    mu = s.float().mean((2, 3), keepdim=True)
+    std = (s.float().var((2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt()
+    old = (s > (mu + conv.tau.view(1, -1, 1, 1) * std).to(torch.bfloat16)).float()
+    assert not torch.equal(old, ref)

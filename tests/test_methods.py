@@ -32,9 +32,10 @@ def test_view1_runs_on_a1_and_view2_on_a2(method):
 
 def test_moco_queue_and_momentum_update():
     m = build_method(load_config(None, SMALL + ["method.name=mocov2"]), steps_per_epoch=10)
-    before = m.queue.tensor.clone()
+    before = [q.tensor.clone() for q in m.queues]
     m.ssl_loss(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
-    assert (m.queue.tensor != before).any(dim=1).sum() == 8  # k1 and k2 of 4 images enqueued
+    for q, b in zip(m.queues, before):  # each view's 4 keys went into its own queue
+        assert (q.tensor != b).any(dim=1).sum() == 4
     with torch.no_grad():
         for p in m.backbone.parameters():
             p.add_(1.0)
@@ -113,3 +114,54 @@ class _Features(torch.nn.Module):
         if self.explode:
             f[0] = float("inf")
         return f
+
+
+def test_moco_per_view_queues_pair_as_solo_learn():
+    """L = (InfoNCE(q1, k2, queue[1]) + InfoNCE(q2, k1, queue[0])) / 2; queue[0] <- k1, queue[1] <- k2."""
+    import torch.nn.functional as F
+
+    m = build_method(load_config(None, SMALL + ["method.name=mocov2"]), steps_per_epoch=10)
+    v1, v2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    queues = [q.tensor.clone() for q in m.queues]
+    with torch.no_grad():  # the same forward passes by hand (no dropout; BN in train mode both times)
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        q1, q2 = m.projector(m.backbone(v1, 0)), m.projector(m.backbone(v2, 1))
+        k1 = m.momentum_projector(m.momentum_backbone(v1, 0))
+        k2 = m.momentum_projector(m.momentum_backbone(v2, 1))
+        m.load_state_dict(state)  # undo the BN running-statistics updates of the hand pass
+
+    def info_nce(q, k, queue):
+        q, k, queue = F.normalize(q, dim=1), F.normalize(k, dim=1), F.normalize(queue, dim=1)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / m.cfg.method.temperature
+        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+
+    expected = 0.5 * (info_nce(q1, k2, queues[1]) + info_nce(q2, k1, queues[0]))
+    loss = m.ssl_loss(v1, v2)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.queues[0].tensor[:4], F.normalize(k1, dim=1))
+    torch.testing.assert_close(m.queues[1].tensor[:4], F.normalize(k2, dim=1))
+
+
+@pytest.mark.parametrize("key_gates", ["own", "query"])
+def test_moco_key_gates_and_consistency_monitor(key_gates, monkeypatch):
+    """key_gates=query: the key encoder uses the query's masks (no disagreement on identical input
+    and branch); own: it gates itself, and after the weights drift apart the monitor sees it."""
+    m = build_method(load_config(None, SMALL + ["method.name=mocov2", f"method.key_gates={key_gates}",
+                                                "trainer.log_every_n_steps=1"]), steps_per_epoch=10)
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(m, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    monkeypatch.setattr(type(m), "_measure_now", lambda self: True)
+    with torch.no_grad():  # the query encoder drifts from its EMA copy (as after many steps)
+        for p in m.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m.ssl_loss(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32))
+    per_layer = {k: v for k, v in logged.items() if k.startswith("monitor/key_gate_disagreement/")}
+    assert len(per_layer) == len(gated_layers(m.backbone))
+    if key_gates == "query":
+        assert logged["monitor/key_gate_disagreement"] == 0.0 and max(per_layer.values()) == 0.0
+    else:
+        assert logged["monitor/key_gate_disagreement"] > 0.01
+    assert -1.0 <= logged["monitor/key_feature_cosine"] <= 1.0
+    # the masks are not kept beyond the step unless key_gates=query needs them
+    assert all(bool(l.last_masks) == (key_gates == "query") for _, l in gated_layers(m.backbone))
+    assert all(not l.last_masks for _, l in gated_layers(m.momentum_backbone))

@@ -90,6 +90,9 @@ class MethodConfig:
     queue_size: int = 32768  # MoCo V2+
     base_momentum: float = 0.99
     final_momentum: float = 0.999
+    # MoCo V2+ with hard gates: the key encoder computes its own masks (own, the paper's) or reuses
+    # the masks the query encoder computed on the same view and branch (query; our deviation)
+    key_gates: Literal["own", "query"] = "own"
 
 
 @dataclass

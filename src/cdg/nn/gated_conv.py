@@ -383,6 +383,9 @@ class GatedConv2d(GatedLayer):
             self.register_buffer(f"_block_mask{b}", block_mask, persistent=False)
         self.fused = True  # training fast path (instance norm); False runs the three steps
         self.compile_gate = compile_gate  # run the fused gate math through torch.compile
+        # masks by branch that this layer uses instead of computing its own, e.g. another layer's
+        # ``last_masks`` (a MoCo key encoder reusing its query encoder's gates); None: its own
+        self.mask_source: dict[int, Tensor] | None = None
         self._a1_mask: Tensor | None = None
 
     # --- the three steps -------------------------------------------------------------------
@@ -431,18 +434,20 @@ class GatedConv2d(GatedLayer):
 
     def _gate_inference(self, y_base: Tensor) -> Tensor:
         """The same mask without autograd: normal(S) > tau  <=>  S > mu + tau * std (per sample and
-        channel). Moments accumulate in fp32 straight from the activations (no fp32 copy of the
-        tensor), on a contiguous N x H x W x C view for channels-last input (much faster on CPUs)."""
+        channel), computed in fp32 (fp64 for fp64 input) whatever the activations' dtype, on a
+        contiguous N x H x W x C view for channels-last input (much faster on CPUs)."""
         nhwc = _channels_last_view(y_base)
         s = y_base.permute(0, 2, 3, 1) if nhwc else y_base
         cdim, sdims = (3, (1, 2)) if nhwc else (1, (2, 3))
-        s = _group_mean(s, self.group_size, cdim)
-        acc = torch.promote_types(s.dtype, torch.float32)
+        acc = torch.promote_types(y_base.dtype, torch.float32)
+        # bf16 / fp16 activations: moments, threshold and comparison in fp32, as in training (a
+        # bf16 threshold mu + tau * std would round by up to 2**-8 of its size and flip gates)
+        s = _group_mean(s if s.dtype == acc else s.to(acc), self.group_size, cdim)
         count = s.shape[sdims[0]] * s.shape[sdims[1]]
-        mu = s.sum(sdims, keepdim=True, dtype=acc) / count
-        var = ((s * s).sum(sdims, keepdim=True, dtype=acc) / count - mu * mu).clamp_min(0.0)
+        mu = s.sum(sdims, keepdim=True) / count
+        var = ((s * s).sum(sdims, keepdim=True) / count - mu * mu).clamp_min(0.0)
         t = self.tau.to(acc).view((1, 1, 1, -1) if nhwc else (1, -1, 1, 1))
-        mask = _step(s, (mu + t * torch.sqrt(var + 1e-5)).to(s.dtype), s.dtype)
+        mask = _step(s, mu + t * torch.sqrt(var + 1e-5), y_base.dtype)
         return mask.permute(0, 3, 1, 2) if nhwc else mask
 
     def combine(self, x: Tensor, y_base: Tensor, mask: Tensor) -> Tensor:
@@ -462,13 +467,19 @@ class GatedConv2d(GatedLayer):
         if self.gate_groups == 1:
             return F.conv2d(x, self.weight, None, self.stride, 1)
         y_base = self.base_path(x, branch)
-        if self.fused and self.norm == "instance" and torch.is_grad_enabled() and self.mode != "unified":
+        if (self.fused and self.norm == "instance" and torch.is_grad_enabled() and self.mode != "unified"
+                and self.mask_source is None):
             y_full = F.conv2d(x, self.weight, None, self.stride, 1)
             out, mask = _FusedInstanceGate.apply(y_full, y_base, self.tau, self.alpha, self.surrogate, self.group_size,
                                                  self.compile_gate, self.gate_kernel)
             self._record(mask, branch)
             return out
-        if self.mode == "unified" and branch == 1:
+        forced = self.mask_source.get(branch) if self.mask_source is not None else None
+        if forced is not None:
+            if forced.shape[0] != x.shape[0]:
+                raise RuntimeError(f"mask_source holds a mask for {forced.shape[0]} samples, the input has {x.shape[0]}")
+            mask = forced.to(y_base.dtype)
+        elif self.mode == "unified" and branch == 1:
             mask, self._a1_mask = self._a1_mask, None
             if mask is None or mask.shape[0] != x.shape[0]:
                 raise RuntimeError(

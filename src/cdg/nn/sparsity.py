@@ -84,6 +84,7 @@ def mask_similarity(model: nn.Module, x1: Tensor, x2: Tensor) -> float:
     layers = gated_layers(model)
     if not layers:
         raise ValueError("mask_similarity needs a model with gated convolutions (G > 1)")
+    before = [(m.keep_masks, m.track_stats) for _, m in layers]
     for _, m in layers:
         m.keep_masks, m.track_stats = True, False
     try:
@@ -97,9 +98,10 @@ def mask_similarity(model: nn.Module, x1: Tensor, x2: Tensor) -> float:
             den = a.norm(dim=-1) * b.norm(dim=-1)
             sims.append(torch.where(den > 0, num / den.clamp_min(1e-12), torch.zeros_like(num)).mean())
         return float(torch.stack(sims).mean())
-    finally:
-        for _, m in layers:
-            m.keep_masks, m.track_stats, m.last_masks = False, True, {}
+    finally:  # as before; the mask dicts are cleared in place (another layer may read one: mask_source)
+        for (_, m), (keep, track) in zip(layers, before):
+            m.keep_masks, m.track_stats = keep, track
+            m.last_masks.clear()
 
 
 def threshold_layers(model: nn.Module) -> list[tuple[str, GatedLayer]]:
