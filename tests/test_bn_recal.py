@@ -25,3 +25,31 @@ def test_running_stats_are_the_branch_inputs_own():
     # BatchNorm averages the per-batch unbiased variances (momentum=None): three equal batches
     per_batch = torch.stack([b.var((0, 2, 3), unbiased=True) for b in x.split(32)]).mean(0)
     torch.testing.assert_close(bn.running_var, per_batch, rtol=1e-4, atol=1e-5)
+
+
+def test_cdg_recalibrate_bn_writes_a_run_that_evaluates(cifar10_root, tmp_path, monkeypatch, capsys):
+    """`cdg recalibrate-bn` copies a run with branch a1's own BN statistics; the copy loads as a run."""
+    import json
+
+    from cdg.cli import main
+    from cdg.runs import load_run
+
+    monkeypatch.setenv("CDG_DATA", str(cifar10_root))
+    run, out = tmp_path / "run", tmp_path / "run-bn-a1"
+    tiny = ["model.width=0.125", "gating.groups=2", "data.batch_size=32", "data.train_images=256", "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2", "trainer.precision=32-true", "trainer.progress_bar=false",
+            "trainer.monitor_every_n_epochs=0", "method.proj_hidden_dim=32", "method.proj_output_dim=16"]
+    assert main(["pretrain", "--config", "configs/cpu/simclr_cdg.yaml", "--out", str(run), *tiny]) == 0
+    assert main(["recalibrate-bn", "--run", str(run), "--out", str(out), "--images", "256"]) == 0
+    _, before = load_run(run)
+    cfg, after = load_run(out)
+    assert cfg.gating.mode == "dual"
+    sb, sa = before.state_dict(), after.state_dict()
+    stats = [k for k in sb if k.endswith("running_mean")]
+    assert stats and all(not torch.equal(sb[k], sa[k]) for k in stats)  # every BN re-estimated
+    assert all(torch.equal(sb[k], sa[k]) for k in sb if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    rec = json.loads((out / "metrics.json").read_text())["bn_recalibration"]
+    assert rec == {"source_run": str(run), "branch": "a1", "images": 256, "bn_layers": len(stats)}
+    capsys.readouterr()
+    assert main(["recalibrate-bn", "--run", str(run), "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err

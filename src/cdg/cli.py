@@ -123,6 +123,15 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recalibrate_bn(a: argparse.Namespace) -> int:
+    from cdg.eval.protocols import recalibrate_bn_run
+
+    out = recalibrate_bn_run(a.run, a.out, a.images, {"a1": 0, "a2": 1}[a.branch])
+    print(f"wrote {out}: BatchNorm statistics of branch {a.branch} on {a.images} training images; "
+          f"evaluate it as any run, e.g. cdg linear --fast --run {out}")
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from cdg.export import export_torchvision
 
@@ -165,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--json", action="store_true")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_flops)
+    s = sub.add_parser("recalibrate-bn", help="copy a run with BatchNorm statistics re-estimated on branch a1")
+    s.add_argument("--run", required=True)
+    s.add_argument("--out", required=True, help="the new run directory")
+    s.add_argument("--images", type=int, default=10240, help="un-augmented training images to average over")
+    s.add_argument("--branch", choices=["a1", "a2"], default="a1")
+    s.set_defaults(fn=cmd_recalibrate_bn)
     s = sub.add_parser("export", help="write a run's backbone in another library's format (torchvision ResNet)")
     s.add_argument("--run", required=True)
     s.add_argument("--out", required=True, help="the file to write (a state dict; FILE.json says how to load it)")

@@ -298,3 +298,43 @@ def _supervised(run_dir: str | Path, finetune: bool, epochs: int | None, save: b
     if save:
         r.save(run)
     return r
+
+
+def recalibrate_bn_run(run_dir: str | Path, out_dir: str | Path, images: int = 10240, branch: int = 0) -> Path:
+    """A copy of a run whose BatchNorm running statistics are re-estimated on one branch.
+
+    Pre-training runs view 1 on branch a1 and view 2 on a2, so each BatchNorm's running statistics
+    average both branches; evaluation reads branch a1. This re-estimates them on ``branch``'s own
+    activations for ``images`` un-augmented training images (seeded by ``trainer.seed``; gates as
+    trained, :func:`cdg.eval.bn.recalibrate_bn`) and writes ``out_dir`` as a run directory
+    (``config.yaml``, ``backbone.pt``, ``metrics.json`` recording what was done), which every
+    evaluation then reads like any run.
+    """
+    from cdg.data import dataset_info
+    from cdg.eval.bn import recalibrate_bn
+    from cdg.export import save_backbone
+    from cdg.train import holds_run
+
+    run, out = Path(run_dir), Path(out_dir)
+    if out.resolve() == run.resolve() or holds_run(out):
+        raise FileExistsError(f"{out} already holds a run; recalibrate-bn writes a new run directory")
+    cfg, backbone = load_run(run)
+    train, _ = build_eval_datasets(cfg)
+    if not isinstance(train, TensorImageDataset):
+        raise ConfigError(f"recalibrate-bn supports in-memory datasets (CIFAR) only, not {cfg.data.dataset}")
+    if images < 1:
+        raise ConfigError(f"--images must be >= 1, got {images}")
+    check_writable(out)
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.trainer.seed))[:images]
+    info = dataset_info(cfg.data.dataset)
+    backbone = backbone.to(cfg.trainer.device())
+    with torch.autocast(cfg.trainer.device().type, dtype=torch.bfloat16, enabled=cfg.trainer.bf16):
+        layers = recalibrate_bn(backbone, train.images[idx], info.mean, info.std, branch=branch,
+                                batch_size=cfg.data.eval_batch_size, channels_last=cfg.trainer.channels_last)
+    cfg.save(out / "config.yaml")
+    save_backbone(out / "backbone.pt", cfg, backbone.cpu())
+    record = {"source_run": str(run), "branch": ["a1", "a2"][branch], "images": len(idx), "bn_layers": layers}
+    runs.update_metrics(out, {"bn_recalibration": record},
+                        base_protocol(cfg, protocol="BatchNorm running statistics re-estimated on one branch "
+                                                    "(un-augmented training images, gates as trained)"))
+    return out
