@@ -39,6 +39,9 @@ RECIPE = ["trainer.max_epochs=4", "trainer.precision=32-true", "trainer.monitor_
 ROWS: dict[str, tuple[str, str, list[str]]] = {
     "simclr_dense": ("T1/T6", "SimCLR dense", []),
     "simclr_cdg_g4": ("T1/T6", "SimCLR + CDG (dual, disjoint base paths), G=4", ["gating.mode=dual", "gating.groups=4"]),
+    # the equal-FLOPs control: the widest dense ResNet-18 whose MACs do not exceed CDG G=4's measured
+    # exact cost (width 0.1875: 19.80M MACs per image against 20.56M = 35.05M / 1.70)
+    "simclr_dense_eqflops": ("T6", "SimCLR dense at width 0.1875 (the MACs of CDG G=4 at its measured eta)", ["model.width=0.1875"]),
     "simclr_cgnet_g4": ("T1/T2/T6", "SimCLR + CGNet_SimCLR (shared diagonal base, masks per view), G=4", ["gating.mode=shared_base", "gating.groups=4"]),
     "simclr_unified_g4": ("T1", "SimCLR + unified gating (view 1's mask on view 2), G=4", ["gating.mode=unified", "gating.groups=4"]),
     "simclr_cdg_g2": ("T3", "SimCLR + CDG, G=2", ["gating.mode=dual", "gating.groups=2"]),
