@@ -86,8 +86,8 @@ def test_other_widths_export_but_do_not_fit_torchvision():
 @pytest.mark.parametrize("gating,dropped", [
     ({"mode": "dual", "groups": 4}, {"tau"}),
     ({"mode": "dual", "groups": 4, "norm": "batch"}, {"tau", "branch_norms"}),
-    ({"mode": "fbs"}, {"predictor", "norm", "beta"}),
-    ({"mode": "dgc", "groups": 4}, {"fc1_weight", "fc2_weight", "fc2_bias"}),
+    ({"mode": "fbs"}, {"predictor", "norm", "beta"}),  # official FBS: its norm's statistics go to the block's bn
+    ({"mode": "dgc", "groups": 4}, {"fc1_weight", "fc2_weight", "fc2_bias", "norm"}),
 ], ids=["dual", "dual-batchnorm", "fbs", "dgc"])
 def test_gated_backbone_exports_its_dense_weights(gating, dropped):
     ours = _perturb(build_backbone(_cfg({"width": 1.0}, gating)))

@@ -68,6 +68,9 @@ class GatingConfig:
     # scale at every layer as the design §5 form does (finite eval features at 4 epochs, but still
     # heavy-tailed; see docs/results.md). Off: the docs/design.md §5 form.
     scale_free_saliency: bool = False
+    # FBS / DGC as their official code builds them (official) or our first form (v1: the block's own
+    # BN after FBS, DGC reading raw x, ceil keep count; the form of the earlier docs/results.md rows)
+    baseline_form: Literal["official", "v1"] = "official"
     # torch.compile the PyTorch form of the fused training gate instead of the C++ kernel (same values;
     # slower than the kernel on the AVX2 CPU, README Speed)
     compile_gate: bool = False

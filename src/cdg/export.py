@@ -41,6 +41,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from cdg.builders import build_backbone
@@ -176,7 +177,13 @@ def _dense_conv_weight(conv: nn.Module, where: str) -> Tensor:
     return w.detach()
 
 
-def _bn_state(bn: nn.Module, prefix: str) -> dict[str, Tensor]:
+def _bn_state(bn: nn.Module, prefix: str, conv: nn.Module | None = None) -> dict[str, Tensor]:
+    if isinstance(bn, nn.Identity) and getattr(conv, "owns_norm", False):
+        # official FBS normalises inside the layer (BN without affine; the gate scales and shifts):
+        # torchvision's block gets that BN's statistics with weight 1 and bias 0
+        norm = conv.norm
+        return {f"{prefix}.weight": torch.ones_like(norm.running_mean), f"{prefix}.bias": torch.zeros_like(norm.running_mean),
+                **{f"{prefix}.{k}": v for k, v in norm.state_dict().items()}}
     if not isinstance(bn, nn.BatchNorm2d) or not bn.affine or not bn.track_running_stats:
         raise ValueError(f"{prefix}: expected an affine BatchNorm2d with running statistics, got {bn}")
     return {f"{prefix}.{k}": v for k, v in bn.state_dict().items()}
@@ -202,7 +209,7 @@ def torchvision_state_dict(backbone: nn.Module) -> dict[str, Tensor]:
                 raise TypeError(f"{pre}: unknown block type {type(blk).__name__}")
             for k in range(1, n + 1):
                 out[f"{pre}.conv{k}.weight"] = _dense_conv_weight(getattr(blk, f"conv{k}"), f"{pre}.conv{k}")
-                out.update(_bn_state(getattr(blk, f"bn{k}"), f"{pre}.bn{k}"))
+                out.update(_bn_state(getattr(blk, f"bn{k}"), f"{pre}.bn{k}", getattr(blk, f"conv{k}")))
             sc = blk.shortcut
             if isinstance(sc, nn.Sequential):
                 out[f"{pre}.downsample.0.weight"] = _dense_conv_weight(sc[0], f"{pre}.shortcut.0")
@@ -215,7 +222,10 @@ def torchvision_state_dict(backbone: nn.Module) -> dict[str, Tensor]:
 def dropped_keys(backbone: nn.Module) -> list[str]:
     """The backbone's state-dict keys with no place in torchvision's ResNet (the gating-only tensors)."""
     kept = {k.replace(".downsample.", ".shortcut.") for k in torchvision_state_dict(backbone)}
-    return [k for k in backbone.state_dict() if k not in kept]
+    # official FBS: the block's bn is the layer's own norm (exported under bnK with weight 1, bias 0)
+    owned = {f"{n}.norm.{b}" for n, m in backbone.named_modules() if getattr(m, "owns_norm", False)
+             for b in ("running_mean", "running_var", "num_batches_tracked")}
+    return [k for k in backbone.state_dict() if k not in kept and k not in owned]
 
 
 def torchvision_resnet(name: str, stem: str, width: float = 1.0) -> nn.Module:

@@ -22,6 +22,12 @@ class ConvLayer(Protocol):
     def __call__(self, in_channels: int, out_channels: int, stride: int = 1) -> nn.Module: ...
 
 
+def _norm_after(conv: nn.Module, planes: int) -> nn.Module:
+    """The BatchNorm that follows a 3x3 conv, or nothing when the conv normalises its own output
+    (official FBS: BN without affine, then the gate's saliency and shift; docs/design.md §5)."""
+    return nn.Identity() if getattr(conv, "owns_norm", False) else nn.BatchNorm2d(planes)
+
+
 def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
     if stride == 1 and in_planes == out_planes:
         return nn.Identity()
@@ -34,9 +40,9 @@ class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int, conv_layer: ConvLayer) -> None:
         super().__init__()
         self.conv1 = conv_layer(in_planes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = _norm_after(self.conv1, planes)
         self.conv2 = conv_layer(planes, planes, 1)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = _norm_after(self.conv2, planes)
         self.shortcut = _shortcut(in_planes, planes, stride)
 
     def forward(self, x: Tensor, branch: int = 0) -> Tensor:
@@ -44,7 +50,7 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out, branch))
         return torch.relu(out + self.shortcut(x))
 
-    def last_bn(self) -> nn.BatchNorm2d:
+    def last_bn(self) -> nn.Module:
         return self.bn2
 
 
@@ -57,7 +63,7 @@ class Bottleneck(nn.Module):
         self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = conv_layer(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = _norm_after(self.conv2, planes)
         self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
         self.shortcut = _shortcut(in_planes, out_planes, stride)
@@ -68,7 +74,7 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         return torch.relu(out + self.shortcut(x))
 
-    def last_bn(self) -> nn.BatchNorm2d:
+    def last_bn(self) -> nn.Module:
         return self.bn3
 
 
@@ -130,7 +136,7 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
             for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)):
+                if isinstance(m, (BasicBlock, Bottleneck)) and isinstance(m.last_bn(), nn.BatchNorm2d):
                     nn.init.zeros_(m.last_bn().weight)
 
     def forward(self, x: Tensor, branch: int = 0) -> Tensor:

@@ -1,16 +1,50 @@
 """Feature Boosting and Suppression (FBS, Gao et al. 2019): a baseline of Tables 6-7 (docs/design.md §5).
 
 Per gated 3x3 convolution, a salience predictor reads the globally average-pooled input and scores
-every *output* channel of every sample::
+every *output* channel of every sample; the layer takes over the normalisation of its output::
 
-    g = ReLU(FC(GAP(x)))                      FC: C_in -> C_out, bias initialised to 1
+    g = ReLU(FC(GAP(x)))                      FC: C_in -> C_out, bias 1, weights trunc. normal (std 0.01)
     M = top_k(g), k = ceil(d * C_out)         winner-take-all per sample (d = keep ratio, 0.5 = "2.00x")
-    Y = M * g * BN_noaffine(conv(x)) + M * beta
+    Y = M * g * BN_noaffine(conv(x)) + M * beta                       beta: per channel, initialised to 0.1
+    L1 = l1 * sum_{n, c} |M * g|              summed over the batch and the channels (l1 = 1e-8)
 
-with ``beta`` a learnable per-channel bias (the normalisation has no affine part) and an L1 penalty
-``l1 * sum |g|`` (1e-8) added to the training loss. The block's own BatchNorm follows as usual.
-In self-supervised training the predictor (and the normalisation) is shared by both contrastive
-views; the masks are per view, because they depend on the input (docs/design.md §5).
+``g`` replaces the scale (gamma) of the convolution's BatchNorm and ``beta`` its shift, so a
+suppressed channel is exactly 0 after the layer and the activation (ReLU in the first convolution of
+a block; none before the residual sum in the second) follows directly: one normalisation per
+convolution. In self-supervised training the predictor (and the normalisation) is shared by both
+contrastive views; the masks are per view, because they depend on the input (docs/design.md §5).
+
+The official code (``deep-fry/mayo``, the FBS authors' TensorFlow framework):
+
+* ``mayo/net/tf/gate/parametric.py`` (``ParametricGatedConvolution``, commit 7d2dd3e):
+  ``normalize`` is the layer's ``slim.batch_norm`` with ``scale=False, center=False``;
+  ``activate`` computes ``tensor *= actives * gamma`` then ``tensor += actives * beta`` (beta a
+  per-channel variable ``gate/shift`` initialised to 0.1), then the layer's activation function.
+  ``gamma`` is the predictor output (``gate()``), registered as ``gate.gamma``.
+* ``mayo/net/tf/gate/base.py`` (``GatedConvolutionBase``): ``_predictor`` is GAP + a 1x1 conv
+  (= FC) with ``biases_initializer=1.0``, ``weights_initializer=truncated_normal(stddev=0.01)``
+  and the layer's activation function (ReLU; mayo's ResNet-18, ``models/resnet18.yaml``, sets
+  none on a block's second conv, whose ReLU follows the residual sum, so there its predictor is
+  linear; ours applies ReLU everywhere, as v1 and docs/design.md §5 do); ``actives`` keeps the
+  ``ceil(density * C)`` largest gate values per sample (threshold = the (k+1)-th largest, ``>``),
+  with ``stop_gradient``. ``models/gate/resnet18.yaml`` also gates the stem and the downsampling
+  shortcuts, which stay dense here as for every method.
+* ``SparseRegularizedGatedConvolutionBase.regularize`` (base.py at 7d2dd3e, later
+  ``gate/sparse.py``): ``sparse = gate() * actives()``, loss ``tf.reduce_sum(tf.abs(sparse))``
+  times the weight, added to ``REGULARIZATION_LOSSES``; ``mayo/session/train.py`` adds those to
+  each tower's mean task loss unchanged, so the L1 is a sum over the (per-GPU) batch, not a mean.
+
+Known variants inside mayo's history (we follow 7d2dd3e, which also matches the comment that every
+version of ``parametric.py`` carries): a later ``parametric.py`` (0ee22a5) adds the shift before
+the gate (``Y = M g (BN + beta)``), a later ``base.py`` (cf1d776) initialises the predictor with
+std 0.05, and the older single-file ``mayo/net/tf/gate.py`` regularised the unmasked ``g``.
+
+With ``form="official"`` (default) the layer has :attr:`FBSConv2d.owns_norm` set: the backbone must
+not apply its own BatchNorm to this layer's output (in :mod:`cdg.models.resnet` that BN becomes an
+``nn.Identity``; see docs/design.md §5). ``form="v1"`` is the form of the earlier results in
+docs/results.md: same formula, but ``beta`` initialised to 0, the default ``nn.Linear`` init of the
+predictor, the L1 on the unmasked ``g`` (``l1 * sum |g|``) and the block's affine BN kept after the
+layer (``owns_norm`` False).
 
 Training computes ``conv(x)`` densely and multiplies by the mask; at inference the suppressed output
 channels of a sample are simply not computed, so they cost nothing: the layer costs
@@ -31,6 +65,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdg.nn.gated import GatedLayer
+
+
+#: the forms of the FBS and DGC layers: the official code's (default) and the earlier one (v1)
+FORMS = ("official", "v1")
+
+
+def check_form(form: str) -> str:
+    """``form`` if it is one of :data:`FORMS`; ValueError otherwise."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
+    return form
 
 
 def kept_channels(keep_ratio: float, channels: int) -> int:
@@ -149,8 +194,10 @@ class FBSConv2d(DynamicPruningConv):
         in_channels, out_channels: channel counts.
         stride: convolution stride (kernel 3, padding 1, no bias).
         keep_ratio: d, the fraction of output channels computed per sample (k = ceil(d * C_out)).
-        l1: coefficient of the L1 penalty on the saliences g (1e-8).
+        l1: coefficient of the L1 penalty on the saliences (1e-8).
         scale_free: predictor on the RMS-normalised pooled input (see :class:`DynamicPruningConv`).
+        form: ``"official"`` (default; mayo's ``ParametricGatedConvolution``, see the module
+            docstring) or ``"v1"`` (the form of the earlier results).
 
     ``gate_groups`` is 1 (FBS has no base path; Table 6 lists no groups), ``group_size`` 1.
     eta of a call is ``(C_out - k) / C_out``.
@@ -158,18 +205,26 @@ class FBSConv2d(DynamicPruningConv):
 
     def __init__(
         self, in_channels: int, out_channels: int, stride: int = 1, keep_ratio: float = 0.5, l1: float = 1e-8,
-        scale_free: bool = False,
+        scale_free: bool = False, form: str = "official",
     ) -> None:
         super().__init__(in_channels, out_channels, stride, scale_free)
+        self.form = check_form(form)
         self.keep_ratio, self.l1 = float(keep_ratio), float(l1)
         self.k = kept_channels(keep_ratio, out_channels)
         self.gate_groups, self.group_size = 1, 1
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
         self.predictor = nn.Linear(in_channels, out_channels)
+        if form == "official":  # mayo: truncated_normal_initializer(stddev=0.01), i.e. cut at 2 std
+            nn.init.trunc_normal_(self.predictor.weight, std=0.01, a=-0.02, b=0.02)
         nn.init.ones_(self.predictor.bias)
         self.norm = nn.BatchNorm2d(out_channels, affine=False)
-        self.beta = nn.Parameter(torch.zeros(out_channels))
+        self.beta = nn.Parameter(torch.full((out_channels,), 0.1 if form == "official" else 0.0))
+
+    @property
+    def owns_norm(self) -> bool:
+        """Whether the output is already normalised (scale g, shift beta): the backbone must not add a BN."""
+        return self.form == "official"
 
     def saliency(self, x: Tensor) -> Tensor:
         """g = ReLU(FC(GAP(x))): per-sample output-channel saliences, N x C_out, >= 0."""
@@ -184,8 +239,10 @@ class FBSConv2d(DynamicPruningConv):
         shift = (mask * self.beta).to(y.dtype)[:, :, None, None]
         out = torch.addcmul(shift, y, gate)
         n, c, h, w = out.shape
+        # official: |M g| (mayo regularises gate() * actives()); v1: |g|. Both summed over the batch.
+        penalised = mask * g if self.form == "official" else g
         self._record(mask.unsqueeze(1), branch, self.final_eta(), n * c * h * w,
-                     self.l1 * g.float().abs().sum())
+                     self.l1 * penalised.float().abs().sum())
         return out
 
     def predictor_macs(self) -> int:
@@ -197,4 +254,5 @@ class FBSConv2d(DynamicPruningConv):
         return (self.out_channels - self.k) / self.out_channels
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, keep={self.k}/{self.out_channels}, l1={self.l1}"
+        return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, keep={self.k}/{self.out_channels}, "
+                f"l1={self.l1}, form={self.form}")

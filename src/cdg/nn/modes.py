@@ -146,17 +146,22 @@ for _name in ("dual", "shared_base", "unified"):
 _FBS = register_gating_mode(GatingMode(
     "fbs", FBSConv2d,
     kwargs=lambda g: dict(keep_ratio=_FBS.setting(g, "keep_ratio"), l1=_FBS.setting(g, "predictor_loss"),
-                          scale_free=g.scale_free_saliency),
-    label=lambda g: f"fbs keep={_FBS.setting(g, 'keep_ratio')}",
-    defaults={"keep_ratio": _layer_default(FBSConv2d, "keep_ratio"), "predictor_loss": _layer_default(FBSConv2d, "l1")},
+                          scale_free=g.scale_free_saliency,
+                          form=_FBS.setting(g, "baseline_form")),
+    label=lambda g: (f"fbs keep={_FBS.setting(g, 'keep_ratio')} "
+                     f"form={_FBS.setting(g, 'baseline_form')}"),
+    defaults={"keep_ratio": _layer_default(FBSConv2d, "keep_ratio"), "predictor_loss": _layer_default(FBSConv2d, "l1"),
+              "baseline_form": _layer_default(FBSConv2d, "form")},
     nominal_reduction=_pruning_reduction, nominal_name="nominal 1/(1-eta)", has_predictor_loss=True,
     eta_below_one=True))
 _DGC = register_gating_mode(GatingMode(
     "dgc", DGCConv2d,
     kwargs=lambda g: dict(heads=g.groups, keep_ratio=_DGC.setting(g, "keep_ratio"), squeeze=g.squeeze,
-                          loss_coef=_DGC.setting(g, "predictor_loss"), scale_free=g.scale_free_saliency),
-    label=lambda g: f"dgc heads={g.groups} keep={_DGC.setting(g, 'keep_ratio')}",
+                          loss_coef=_DGC.setting(g, "predictor_loss"), scale_free=g.scale_free_saliency,
+                          form=_DGC.setting(g, "baseline_form")),
+    label=lambda g: (f"dgc heads={g.groups} keep={_DGC.setting(g, 'keep_ratio')} "
+                     f"form={_DGC.setting(g, 'baseline_form')}"),
     defaults={"keep_ratio": _layer_default(DGCConv2d, "keep_ratio"),
-              "predictor_loss": _layer_default(DGCConv2d, "loss_coef")},
+              "predictor_loss": _layer_default(DGCConv2d, "loss_coef"), "baseline_form": _layer_default(DGCConv2d, "form")},
     nominal_reduction=_pruning_reduction, nominal_name="nominal 1/(1-eta)", has_predictor_loss=True,
     eta_below_one=True))
