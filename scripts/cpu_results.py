@@ -49,6 +49,10 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "simclr_overlap75_g4": ("T2", "SimCLR + CDG, 75% base-path overlap, G=4", ["gating.mode=dual", "gating.groups=4", "gating.overlap=75"]),
     "simclr_overlap50_g4": ("T2", "SimCLR + CDG, 50% base-path overlap, G=4", ["gating.mode=dual", "gating.groups=4", "gating.overlap=50"]),
     "simclr_cdg_g4_cg4": ("T5", "SimCLR + structured CDG, C_g=4, G=4", ["gating.mode=dual", "gating.groups=4", "gating.group_size=4"]),
+    # Fig. 7: the CDG G=4 row with other threshold targets s (simclr_cdg_g4 is s = 1.0)
+    "simclr_cdg_g4_s0": ("F7", "SimCLR + CDG, G=4, target s=0.0", ["gating.mode=dual", "gating.groups=4", "gating.target=0.0"]),
+    "simclr_cdg_g4_s05": ("F7", "SimCLR + CDG, G=4, target s=0.5", ["gating.mode=dual", "gating.groups=4", "gating.target=0.5"]),
+    "simclr_cdg_g4_s15": ("F7", "SimCLR + CDG, G=4, target s=1.5", ["gating.mode=dual", "gating.groups=4", "gating.target=1.5"]),
     "simclr_fbs": ("T6", "SimCLR + FBS (keep 0.5 of output channels)", ["gating.mode=fbs", "gating.keep_ratio=0.5"]),
     "simclr_fbs_scalefree": ("T6", "SimCLR + FBS, predictor on the RMS-normalised pooled input (not the design §5 form: see findings)", ["gating.mode=fbs", "gating.keep_ratio=0.5", "gating.scale_free_saliency=true"]),
     "simclr_dgc": ("T6", "SimCLR + DGC (4 heads, keep 0.45 of input channels)", ["gating.mode=dgc", "gating.groups=4", "gating.keep_ratio=0.45"]),
@@ -114,12 +118,6 @@ def run(rows: list[str], jobs: int = 1) -> None:
             cdg("knn", "--run", str(out))
 
 
-def _epoch_series(results: Path, row: str, key: str) -> list[tuple[int, float]]:
-    from cdg.runs import read_log
-
-    return [(int(r["epoch"]) + 1, float(r[key])) for r in read_log(results / row) if r.get(key)]
-
-
 def _table(results: Path) -> list[str]:
     """One markdown row per run directory of ``results`` (in ROWS order)."""
     got = {row: m for row in ROWS if (m := metrics(row, results))}
@@ -144,15 +142,74 @@ def _table(results: Path) -> list[str]:
     return lines
 
 
+#: the figures of docs/results.md: cdg.plots name, title, what it shows
+FIGURE_TEXT: tuple[tuple[str, str, str], ...] = (
+    ("fig1", "Accuracy against FLOPs (Fig. 1 style)", "every row with an accuracy; linear probe left, kNN right "
+     "(FBS and DGC appear under kNN only: their linear probe has no valid result)."),
+    ("fig3", "Dual against unified gating (Fig. 3)", "rows that differ only in gating.mode; a row without a training "
+     "log appears in the accuracy panel only (the caption names it)."),
+    ("fig4", "Mask similarity S_c over training (Fig. 4)", "every row that logged it (the training monitor, every 2 epochs)."),
+    ("fig7", "Accuracy against sparsity (Fig. 7)", "the CDG-family rows; rows of one results folder that differ only in "
+     "the target s (simclr_cdg_g4 and the simclr_cdg_g4_s* rows) are joined by a line."),
+    ("fig8a", "eta per branch during pre-training (Fig. 8a)", "every row that logged it."),
+    ("fig8b", "eta after fine-tuning (Fig. 8b)", "rows with a fine-tuning result."),
+    ("fig8c", "eta per gated layer (Fig. 8c)", "the GPU rows of CDG G = 2, 4, 8, CGNet_SimCLR and structured C_g = 4."),
+)
+PER_LAYER_ROWS = ("simclr_cdg_g2", "simclr_cdg_g4", "simclr_cdg_g8", "simclr_cgnet_g4", "simclr_cdg_g4_cg4")
+FIG9_ROW = "simclr_cdg_g4"
+
+
+def _figures(gpu: Path, cpu: Path) -> list[str]:
+    """Draw the paper-style figures of the result rows into docs/img (cdg.plots, cdg.viz) and
+    return the Markdown that embeds them."""
+    from cdg.plots import FIGURES, load_runs, plot_runs
+    from cdg.viz import visualize
+
+    img = DOCS / "img"
+    dirs = [d for results in (gpu, cpu) for row in ROWS if (d := results / row).is_dir()
+            and ((d / "metrics.json").is_file() or (d / "logs" / "metrics.csv").is_file())]
+    runs = load_runs(dirs)
+    for r in runs:  # every label names its host folder, as the tables do
+        r.label = f"{r.path.name} ({r.path.parent.name})"
+    result = plot_runs(runs, img, figures=[f for f in FIGURES if f != "fig8c"])
+    per_layer = [r for r in runs if r.path.parent == gpu and r.path.name in PER_LAYER_ROWS]
+    r8c = plot_runs(per_layer or runs, img, figures=["fig8c"])
+    result.drawn.update(r8c.drawn)
+    result.notes += r8c.notes
+    lines = ["", "## Figures", "",
+             "Drawn by `python scripts/cpu_results.py report` with `cdg plot` (`cdg.plots`) from the run directories "
+             "of the tables above (logs and metrics.json only); labels name the run and its folder "
+             "(`gpu` = `results/gpu`, `cpu` = `results/cpu`). Each figure's caption gives its protocol.", ""]
+    for name, title, text in FIGURE_TEXT:
+        if name in result.drawn:
+            lines += [f"**{title}:** {text}", "", f"![{title}](img/{result.drawn[name].path.name})", ""]
+    if result.notes:
+        lines += ["Not drawn: " + "; ".join(n.replace(": skipped:", ":") for n in result.notes) + ".", ""]
+    # Fig. 9 needs the weights, which the result rows do not keep; a re-run of the row may have them
+    sources = [gpu / FIG9_ROW, cpu / FIG9_ROW, ROOT / "runs" / "evidence" / FIG9_ROW]
+    src = next((d for d in sources if (d / "backbone.pt").is_file()), None)
+    if src is None:
+        lines += [f"Fig. 9 (inside a gated layer) not drawn: no run directory of {FIG9_ROW} with backbone.pt "
+                  f"({', '.join(str(d.relative_to(ROOT)) for d in sources)}).", ""]
+        return lines
+    try:
+        vis = visualize(src, img / "fig9_gates.png", images=4, seed=0)
+    except Exception as e:  # e.g. the test images are not found: the page is still written
+        lines += [f"Fig. 9 not drawn: {type(e).__name__}: {e}", ""]
+        return lines
+    lines += [f"**Inside a gated layer (Fig. 9):** `cdg visualize --run {src.relative_to(ROOT)} --out "
+              f"docs/img/fig9_gates.png`, layer {vis.layer}, 4 test images (seed 0). `{src.relative_to(ROOT)}` is the "
+              f"{FIG9_ROW} recipe pre-trained again on the CPU with its weights kept (the row's folder keeps none).",
+              "", f"![Inside a gated layer (Fig. 9)](img/{vis.path.name})", ""]
+    return lines
+
+
 def report() -> None:
     """docs/results.md from results/gpu (the full table) and results/cpu (the same recipe on a CPU)."""
-    try:
-        import matplotlib
-    except ModuleNotFoundError:
-        sys.exit("the plots need matplotlib: pip install 'cdg[plots]'")
+    import importlib.util
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    if importlib.util.find_spec("matplotlib") is None:  # the figures are drawn by cdg.plots / cdg.viz (_figures)
+        sys.exit("the plots need matplotlib: pip install 'cdg[plots]'")
 
     gpu, cpu = ROOT / "results" / "gpu", ROOT / "results" / "cpu"
     floor = metrics("simclr_dense", cpu).get("linear_top1_random_init")
@@ -188,32 +245,7 @@ def report() -> None:
         "",
         *_table(cpu),
     ]
-    # plots: S_c over training, eta per branch over training, per-layer eta
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for results in (cpu, gpu):
-        for row in ROWS:
-            tag = f"{row} ({results.name})"
-            sc = _epoch_series(results, row, "monitor/mask_similarity")
-            if sc:
-                axes[0].plot(*zip(*sc), marker="o", label=tag)
-            for k, ls in (("train/eta_a1", "-"), ("train/eta_a2", "--")):
-                s = _epoch_series(results, row, k)
-                if s and row in ("simclr_cdg_g4", "simclr_cgnet_g4", "mocov2_cdg_g4", "simsiam_cdg_g4"):
-                    axes[1].plot(*zip(*s), ls, label=f"{tag} {k[-2:]}")
-            per = metrics(row, results).get("eta_per_layer")
-            if per and results == gpu and row in ("simclr_cdg_g4", "simclr_cgnet_g4", "simclr_cdg_g4_cg4", "simclr_cdg_g8"):
-                axes[2].plot(range(1, len(per) + 1), [100 * v for v in per.values()], marker="o", label=tag)
-    axes[0].set(title="mask similarity S_c between branches (Fig. 4)", xlabel="epoch", ylabel="S_c")
-    axes[1].set(title="conditional-path sparsity per branch, training (Fig. 8a)", xlabel="epoch", ylabel="eta")
-    axes[2].set(title="per-layer eta, test set, branch a1 (Fig. 8c)", xlabel="gated layer", ylabel="eta (%)")
-    for ax in axes:
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    img = DOCS / "img"
-    img.mkdir(parents=True, exist_ok=True)
-    fig.savefig(img / "cpu_gating.png", dpi=110)
-    lines += ["", "![S_c, eta per branch and per-layer eta](img/cpu_gating.png)", ""]
+    lines += _figures(gpu, cpu)
     notes = DOCS / "results_findings.md"
     if notes.is_file():
         lines += ["", notes.read_text()]

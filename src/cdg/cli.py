@@ -1,4 +1,5 @@
-"""``cdg`` command line: pretrain, linear, finetune, knn, flops, report, export.
+"""``cdg`` command line: pretrain, linear, finetune, knn, report, flops, recalibrate-bn, export,
+visualize, plot.
 
 A thin shell: it parses, calls the library (:mod:`cdg.train`, :mod:`cdg.eval`, :mod:`cdg.metrics`,
 :mod:`cdg.runs`, :mod:`cdg.export`) and prints. Every number printed or written to
@@ -140,6 +141,25 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_visualize(a: argparse.Namespace) -> int:
+    from cdg.viz import visualize
+
+    vis = visualize(a.run, a.out, images=a.images, image_paths=a.image, layer=a.layer, channel=a.channel, seed=a.seed)
+    print(vis.summary())
+    return 0
+
+
+def cmd_plot(a: argparse.Namespace) -> int:
+    from cdg.plots import plot_runs
+
+    result = plot_runs(a.runs, a.out)
+    for name, path in result.written.items():
+        print(f"wrote {path}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cdg", description="Contrastive Dual Gating: sparse self-supervised learning")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -186,6 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--format", choices=["torchvision"], default="torchvision",
                    help="torchvision: the dense weights under torchvision's ResNet names (gates dropped)")
     s.set_defaults(fn=cmd_export)
+    s = sub.add_parser("visualize", help="base path, gate mask and conditional path of one gated layer, a1 and a2 (Fig. 9)")
+    s.add_argument("--run", required=True)
+    s.add_argument("--out", required=True, help="the PNG to write")
+    pick = s.add_mutually_exclusive_group()
+    pick.add_argument("--images", type=int, default=4, help="test images to show, chosen with --seed (default 4)")
+    pick.add_argument("--image", action="append", metavar="PATH", help="an image file to show instead (repeatable)")
+    s.add_argument("--layer", help="gated layer name (default layer1.0.conv2)")
+    s.add_argument("--channel", type=int, help="mask channel drawn as a binary map (default: open closest to half the time)")
+    s.add_argument("--seed", type=int, default=0, help="chooses the images and draws the two views' augmentations")
+    s.set_defaults(fn=cmd_visualize)
+    s = sub.add_parser("plot", help="training and accuracy figures (paper Fig. 1, 3, 4, 7, 8) from run directories")
+    s.add_argument("--runs", nargs="+", required=True, metavar="DIR")
+    s.add_argument("--out", required=True, help="folder for the PNGs")
+    s.set_defaults(fn=cmd_plot)
     a, extra = p.parse_known_args(argv)
     # argparse stops filling `overrides` at the first option, so `--config X a=1 --out Y b=2` leaves b=2 over
     overrides = [e for e in extra if "=" in e and not e.startswith("-")]
