@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 from cdg.cli import main
-from cdg.export import read_backbone_file
 from cdg.config import ConfigError, load_config
-from cdg.fileio import RunFileError, atomic_torch_save, remove_partial_files
+from cdg.export import read_backbone_file
+from cdg.fileio import remove_partial_files
 from cdg.runs import read_log
-from cdg.train import AtomicCheckpointIO, NonFiniteLossError, pretrain
+from cdg.train import NonFiniteLossError, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "cpu" / "simclr_cdg.yaml")

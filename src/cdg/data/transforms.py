@@ -450,7 +450,6 @@ class BatchAugment(nn.Module):
             )
         cfg = self.cfg
         n, _, height, width = x.shape
-        dev = x.device
         out = cfg.crop_size
         if x.dtype == torch.uint8:
             unit = 1.0 / 255.0  # folded into the resampling weights
