@@ -1,5 +1,5 @@
 """``cdg`` command line: pretrain, linear, finetune, knn, report, flops, recalibrate-bn, export,
-visualize, plot.
+speed, visualize, plot.
 
 A thin shell: it parses, calls the library (:mod:`cdg.train`, :mod:`cdg.eval`, :mod:`cdg.metrics`,
 :mod:`cdg.runs`, :mod:`cdg.export`) and prints. Every number printed or written to
@@ -134,6 +134,11 @@ def cmd_recalibrate_bn(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    if a.format == "sparse":
+        from cdg.sparse.engine import export_run
+
+        print(json.dumps(export_run(a.run, a.out), indent=2, default=str))
+        return 0
     from cdg.export import export_torchvision
 
     info = export_torchvision(a.run, a.out)
@@ -157,6 +162,20 @@ def cmd_plot(a: argparse.Namespace) -> int:
         print(f"wrote {path}")
     for note in result.notes:
         print(f"note: {note}")
+    return 0
+
+
+def cmd_speed(a: argparse.Namespace) -> int:
+    """images/s of the dense, masked-dense and sparse inference forms of a run (cdg.sparse.speed)."""
+    from cdg.sparse.speed import format_report, speed_report
+
+    r = speed_report(a.run, batches=tuple(a.batches), threads=tuple(a.threads), rounds=a.rounds,
+                     random_input=a.random_input, rss=not a.no_rss)
+    print(format_report(r))
+    if a.json:
+        from cdg.fileio import atomic_write_text
+
+        atomic_write_text(a.json, json.dumps(r, indent=2, default=str))
     return 0
 
 
@@ -203,9 +222,19 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("export", help="write a run's backbone in another library's format (torchvision ResNet)")
     s.add_argument("--run", required=True)
     s.add_argument("--out", required=True, help="the file to write (a state dict; FILE.json says how to load it)")
-    s.add_argument("--format", choices=["torchvision"], default="torchvision",
-                   help="torchvision: the dense weights under torchvision's ResNet names (gates dropped)")
+    s.add_argument("--format", choices=["torchvision", "sparse"], default="torchvision",
+                   help="torchvision: the dense weights under torchvision's ResNet names (gates dropped); "
+                        "sparse: the sparse inference form (branch a1, BN folded; cdg.sparse.load_inference)")
     s.set_defaults(fn=cmd_export)
+    s = sub.add_parser("speed", help="images/s of the dense, masked-dense and sparse inference forms of a run")
+    s.add_argument("--run", required=True)
+    s.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    s.add_argument("--threads", type=int, nargs="+", default=[1], help="e.g. --threads 1 2")
+    s.add_argument("--rounds", type=int, default=7, help="interleaved rounds per setting (medians)")
+    s.add_argument("--random-input", action="store_true", help="time on random images instead of the test set")
+    s.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    s.add_argument("--json", help="also write the measurements to this JSON file")
+    s.set_defaults(fn=cmd_speed)
     s = sub.add_parser("visualize", help="base path, gate mask and conditional path of one gated layer, a1 and a2 (Fig. 9)")
     s.add_argument("--run", required=True)
     s.add_argument("--out", required=True, help="the PNG to write")
