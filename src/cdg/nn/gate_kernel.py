@@ -46,6 +46,12 @@ def instance_gate(required: bool = False) -> ModuleType | None:
 
 
 def _build() -> tuple[ModuleType | None, str | None]:
+    return build_extension("cdg_instance_gate", SOURCE)
+
+
+def build_extension(name: str, source: Path, extra_cflags: list[str] | None = None) -> tuple[ModuleType | None, str | None]:
+    """Compile ``source`` on first use (OpenMP, -O3, vector flags of this CPU): (module, None), or
+    (None, why) where it cannot be built (no compiler, no ninja, no headers)."""
     try:
         log = logging.getLogger("torch.utils.cpp_extension")  # its import warns "No CUDA runtime" on CPU hosts
         level = log.level
@@ -60,11 +66,11 @@ def _build() -> tuple[ModuleType | None, str | None]:
             os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
 
         capability = torch.backends.cpu.get_cpu_capability()
-        flags = ["-O3", "-fopenmp", "-fno-trapping-math"] + _ARCH_FLAGS.get(capability, [])
-        module = load(name=f"cdg_instance_gate_{capability.lower()}", sources=[str(SOURCE)],
+        flags = ["-O3", "-fopenmp", "-fno-trapping-math", *(extra_cflags or [])] + _ARCH_FLAGS.get(capability, [])
+        module = load(name=f"{name}_{capability.lower()}", sources=[str(source)],
                       extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
         return module, None
-    except Exception as e:  # no compiler, no ninja, no headers: the PyTorch form still works
+    except Exception as e:  # the PyTorch forms still work
         return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
 
 

@@ -24,10 +24,6 @@ kernel itself: :func:`kernel_calls`), so a test can tell which one ran.
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import sys
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -37,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cdg.nn.gate_kernel import build_extension
+
 SOURCE = Path(__file__).with_name("csrc") / "sparse_conv.cpp"
-_ARCH_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma"]}
 #: how many times each form ran in this process: cpp_base, cpp_thresholds, cpp_cond, cpp_combine, torch_base, ...
 CALLS: Counter = Counter()
 #: bytes of padded input rows per tile of output rows (kept within L1 while every output channel's
@@ -65,25 +62,8 @@ def extension(required: bool = False) -> ModuleType | None:
 
 
 def _build() -> tuple[ModuleType | None, str | None]:
-    try:
-        log = logging.getLogger("torch.utils.cpp_extension")  # its import warns "No CUDA runtime" on CPU hosts
-        level = log.level
-        log.setLevel(logging.ERROR)
-        try:
-            from torch.utils.cpp_extension import load
-        finally:
-            log.setLevel(level)
-        venv_bin = str(Path(sys.executable).parent)  # pip's ninja, when the venv is not activated
-        if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
-            os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
-        capability = torch.backends.cpu.get_cpu_capability()
-        # -ffp-contract=fast: a * b + c on vectors becomes one FMA (ISO C++ mode turns contraction off)
-        flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=fast"] + _ARCH_FLAGS.get(capability, [])
-        module = load(name=f"cdg_sparse_conv_{capability.lower()}", sources=[str(SOURCE)],
-                      extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
-        return module, None
-    except Exception as e:  # no compiler, no ninja, no headers: the PyTorch forms still work
-        return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    # -ffp-contract=fast: a * b + c on vectors becomes one FMA (ISO C++ mode turns contraction off)
+    return build_extension("cdg_sparse_conv", SOURCE, ["-ffp-contract=fast"])
 
 
 def kernel_calls() -> dict[str, int]:
