@@ -71,6 +71,8 @@ def _check(bb, x, kernel="cpp", max_flip_samples=None):
         assert after["cond"] - before["cond"] == n_gated - n_dense
         assert after["combine"] - before["combine"] == n_dense
         assert after["base_conv"] - before["base_conv"] == n_gated
+        n_blocks = sum(m.group_size % 8 == 0 for _, m in sp.gated())  # whole-vector entries: block order
+        assert after["cond_blocks"] - before["cond_blocks"] == n_blocks
     else:
         assert after == before
     assert res.max_rel_err < 1e-4, res.summary()
@@ -99,7 +101,7 @@ def test_unstructured_gate_equals_the_gated_backbone(ext, groups, batch):
 @pytest.mark.parametrize("groups,group_size,width,size,batch", [
     (4, 4, 0.25, 32, 64),   # C_g = 4: 16 channels / G = 4
     (2, 8, 0.25, 32, 16),   # C_g = 8 at G = 2
-    (8, 8, 1.0, 16, 4),     # C_g = 8 at G = 8, width 1
+    (8, 8, 1.0, 16, 4),     # C_g = 8 at G = 8, width 1 (block order also at 512 input channels)
     (4, 16, 1.0, 16, 4),    # C_g = 16 at G = 4, width 1
     (2, 16, 0.5, 16, 4),    # C_g = 16 at G = 2
 ])
@@ -146,13 +148,17 @@ def test_torch_fallback_gives_the_same_values(ext):
     assert flips <= 64  # rounding ties only (compare() above checks the margins of the reference's)
 
 
-@pytest.mark.parametrize("order", [1, 2])  # the cond kernel's channel-major and position-major loops
+# the cond kernel's channel-major, position-major and block (C_g a multiple of 8) loops
+@pytest.mark.parametrize("order", [1, 2, 3])
 def test_kernel_steps_match_pytorch_on_odd_shapes(ext, order, monkeypatch):
     """The three steps alone, against the PyTorch forms: channels not a multiple of 8, odd sizes."""
     monkeypatch.setattr(K, "ORDER", order)
     torch.manual_seed(0)
-    for n, ci, co, h, g, cg, s in [(2, 12, 24, 7, 2, 4, 1), (3, 20, 20, 9, 4, 1, 2), (1, 40, 40, 5, 4, 5, 1),
-                                   (2, 48, 96, 6, 2, 16, 2)]:
+    shapes = [(2, 12, 24, 7, 2, 4, 1), (3, 20, 20, 9, 4, 1, 2), (1, 40, 40, 5, 4, 5, 1), (2, 48, 96, 6, 2, 16, 2)]
+    if order == 3:  # C_g = 8, 16, 24 (a pair and a single vector), C_in / G not a multiple of 8, 13 x 13
+        shapes = [(2, 24, 32, 7, 4, 8, 1), (2, 48, 96, 6, 2, 16, 2), (1, 64, 48, 13, 2, 24, 1), (3, 32, 64, 9, 4, 16, 2)]
+    blocks_before = K.kernel_calls()["cond_blocks"]
+    for n, ci, co, h, g, cg, s in shapes:
         x = torch.randn(n, ci, h, h).contiguous(memory_format=torch.channels_last)
         w = torch.randn(co, ci, 3, 3)
         wb = torch.cat([w[o * co // g:(o + 1) * co // g, o * ci // g:(o + 1) * ci // g] for o in range(g)])
@@ -165,14 +171,16 @@ def test_kernel_steps_match_pytorch_on_odd_shapes(ext, order, monkeypatch):
         wz = K.pack_cond(w, g)
         wc = wz.view(co, 3, 3, ci).permute(0, 3, 1, 2)
         sc, bi, res = torch.rand(co) + 0.5, torch.randn(co), torch.randn_like(y1)
+        blocks = K.pack_cond_blocks(wz) if order == 3 else None
         for r, relu in ((None, True), (res, True), (res, False)):
-            o1, m1, k1 = K.cond(x, y1, t1, wz, wc, sc, bi, r, relu, s, cg, g, ext, True)
+            o1, m1, k1 = K.cond(x, y1, t1, wz, wc, sc, bi, r, relu, s, cg, g, ext, True, blocks=blocks)
             o2, m2, k2 = K.cond(x, y1, t1, wz, wc, sc, bi, r, relu, s, cg, g, None, True)
             torch.testing.assert_close(o1, o2, rtol=1e-4, atol=1e-4)
             assert torch.equal(m1, m2) and k1 == k2 and 0 < k1 < y1.numel()
             o3, m3, k3 = K.cond(x, y1, t1, wz, wc, sc, bi, r, relu, s, cg, g, ext, True, dense=True)
             torch.testing.assert_close(o3, o2, rtol=1e-4, atol=1e-4)
             assert torch.equal(m3, m2) and k3 == k2
+    assert K.kernel_calls()["cond_blocks"] - blocks_before == (12 if order == 3 else 0)
 
 
 def test_all_open_and_all_closed_limits(ext):

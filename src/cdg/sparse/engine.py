@@ -13,9 +13,10 @@ conditional path (docs/design.md §1, §4; :mod:`cdg.sparse.kernel`).
   a per-channel affine map of Y, so it is applied after Eq. 3, in the kernel's epilogue, together
   with the block's shortcut and ReLU: ``relu(a * Y + b + shortcut)``. (Folding ``a`` into W would
   scale Y_base too, and the gate's ``eps`` inside ``sqrt(var + eps)`` would then change the mask;
-  a negative ``a`` would also flip the comparison.) Layers with at least
-  :data:`DENSE_COND_MIN_CIN` input channels compute conv(X, W - W_b) densely (oneDNN) and only
-  Eq. 3 + the epilogue in C++, where that is faster;
+  a negative ``a`` would also flip the comparison.) With C_g a multiple of 8 the kernel computes
+  whole open entries as GEMM register blocks (``cond_blocks``, the block order). Unstructured layers
+  with at least :data:`DENSE_COND_MIN_CIN` input channels compute conv(X, W - W_b) densely (oneDNN)
+  and only Eq. 3 + the epilogue in C++, where that is faster;
 * channels-last float32 throughout.
 
 ``dense=True`` gives the same network with every gated convolution replaced by its dense W
@@ -39,8 +40,9 @@ from cdg.sparse import kernel as K
 FORMAT = "cdg.sparse"
 VERSION = 1
 KERNELS = ("auto", "cpp", "torch")
-#: gated layers with at least this many input channels compute the conditional path densely
-#: (oneDNN) and only Eq. 3 + the epilogue in C++: there a W_c row (9 x C_in floats) and the patches
+#: unstructured gated layers (C_g not a multiple of 8) with at least this many input channels
+#: compute the conditional path densely (oneDNN) and only Eq. 3 + the epilogue in C++: there a W_c
+#: row (9 x C_in floats) and the patches
 #: no longer fit the caches of the sparse kernel's loops, which then lose to the dense convolution
 #: (ResNet-18 width 1, layer4: 2.3x the dense conv at 42% density, AMD EPYC AVX2, README
 #: "Sparse inference"). Same values.
@@ -124,7 +126,8 @@ class SparseGatedConv(nn.Module):
             raise ValueError(f"unknown gate norm {norm!r}; valid: instance, batch")
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.groups, self.group_size, self.relu, self.norm, self.kernel = groups, group_size, relu, norm, kernel
-        self.dense_cond = in_channels >= DENSE_COND_MIN_CIN
+        # the block order (C_g a multiple of 8) stays faster than the dense conditional path at 512
+        self.dense_cond = in_channels >= DENSE_COND_MIN_CIN and group_size % 8 != 0
         co, ci, e = out_channels, in_channels, out_channels // group_size
         # persistent: W_b (grouped conv weight), W_c = W - W_b as (C_out, 9, C_in), tau, the BN affine
         self.register_buffer("weight_b", torch.zeros(co, ci // groups, 3, 3).contiguous(memory_format=torch.channels_last))
@@ -150,6 +153,9 @@ class SparseGatedConv(nn.Module):
         pack, meta = K.pack_base(w, g)
         self.register_buffer("base_pack", pack, persistent=False)
         self.register_buffer("base_meta", meta, persistent=False)
+        # C_g a multiple of 8: W_c per 8-channel chunk for the kernel's block order
+        blocks = K.pack_cond_blocks(self.weight_c) if self.group_size % 8 == 0 else None
+        self.register_buffer("cond_blocks", blocks, persistent=False)
 
     def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
         super()._load_from_state_dict(*args, **kwargs)
@@ -191,7 +197,7 @@ class SparseGatedConv(nn.Module):
         t2 = clock() if self.profile else 0.0
         out, mask, n_open = K.cond(x, y_base, thr, self.weight_c, self.conv_weight_c, self.scale, self.bias,
                                    residual, self.relu, self.stride, self.group_size, self.groups, ext,
-                                   want_mask=self.keep_mask, dense=self.dense_cond)
+                                   want_mask=self.keep_mask, dense=self.dense_cond, blocks=self.cond_blocks)
         if self.profile:
             t3 = clock()
             self.times["base"] += t1 - t0

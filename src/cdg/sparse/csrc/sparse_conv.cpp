@@ -29,7 +29,11 @@
 //     compact their indices with a permutation looked up by the 8-bit mask; no branch) and dot
 //     products of the patch with up to 8 open channels' W_c rows at a time (one input load per 8
 //     FMAs), then the epilogue of the position's row while it is hot.
-// With C_g > 1 an open entry opens C_g consecutive channels, which join the same blocks.
+// With C_g > 1 an open entry opens C_g consecutive channels, which join the same blocks, except:
+//   block order (C_g a multiple of 8, packed weights given): per gate entry, the list of its open
+//     positions in the tile, then an outer-product micro-kernel over 6 open positions x 16 channels
+//     (or 12 x 8): per input channel two weight vectors and six broadcasts feed twelve FMAs, the
+//     GEMM form, with the entry's own input group skipped. Tiles are larger here (longer lists).
 
 #include <torch/extension.h>
 
@@ -95,7 +99,7 @@ inline float salience(const float* y, int64_t cg) {
   return s / static_cast<float>(cg);
 }
 
-std::atomic<int64_t> g_calls_base{0}, g_calls_thresholds{0}, g_calls_cond{0}, g_calls_combine{0};
+std::atomic<int64_t> g_calls_base{0}, g_calls_thresholds{0}, g_calls_cond{0}, g_calls_combine{0}, g_calls_blocks{0};
 // optional phase timing of the cond kernel (set_profile): ns in (input rows, gate, lists + dots, epilogue)
 bool g_profile = false;
 std::atomic<int64_t> g_phase_ns[4];
@@ -308,6 +312,7 @@ struct CondArgs {
   const float* yb;
   const float* thr;
   const float* wz;  // (co, 9, ci), diagonal blocks zero
+  const float* wblk;  // null, or per 8-channel chunk [9][ci][8] (cond_tile_blocks)
   const float* scale;
   const float* bias;
   const float* res;  // may be null
@@ -595,6 +600,115 @@ int64_t cond_tile(const CondArgs& a, const Tile& tile, TileBuffers& b) {
   return total;
 }
 
+// ------------------------------------------------------------------ cond path, structured masks
+
+// P open positions x V chunks of 8 output channels of one gate entry (C_g a multiple of 8): an
+// outer product per input channel (V weight loads, P broadcasts, P x V FMAs), the GEMM micro-kernel
+// form of base_block over a list of gathered positions. xb[q]: position q's tap (0, 0) in the
+// padded rows; wk: V x [9][C_in][8] (the entry's W_c chunks); rng: the input channels read (all but
+// the entry's own group, whose weights belong to the base path).
+template <int P, int V>
+inline void cond_block(const float* const* xb, const int64_t* toff, const float* wk, int64_t ci, const Range* rng,
+                       int nr, v8* acc) {
+  for (int j = 0; j < P * V; ++j) acc[j] = v8{};
+  const int64_t vstride = 9 * ci * 8;
+  for (int t = 0; t < 9; ++t) {
+    const float* __restrict w = wk + t * ci * 8;
+    const float* xs[P];
+    for (int q = 0; q < P; ++q) xs[q] = xb[q] + toff[t];
+    for (int r = 0; r < nr; ++r) {
+      for (int64_t i = rng[r].begin; i < rng[r].end; ++i) {
+        v8 wv[V];
+        for (int v = 0; v < V; ++v) wv[v] = load8(w + v * vstride + i * 8);
+        for (int q = 0; q < P; ++q) {
+          const v8 xv = splat(xs[q][i]);
+          for (int v = 0; v < V; ++v) acc[q * V + v] += xv * wv[v];
+        }
+      }
+    }
+  }
+}
+
+// cond_block for k <= P positions, then the k x V results into their output rows (dst[q]).
+template <int P, int V>
+inline void cond_store(int k, const float* const* xb, const int64_t* toff, const float* wk, int64_t ci,
+                       const Range* rng, int nr, float* const* dst) {
+  v8 acc[P * V];
+  switch (k) {  // the tail block computes only its k positions
+#define CDG_COND_CASE(K) \
+  case K: if constexpr (K <= P) cond_block<K, V>(xb, toff, wk, ci, rng, nr, acc); break;
+    CDG_COND_CASE(1) CDG_COND_CASE(2) CDG_COND_CASE(3) CDG_COND_CASE(4) CDG_COND_CASE(5) CDG_COND_CASE(6)
+    CDG_COND_CASE(7) CDG_COND_CASE(8) CDG_COND_CASE(9) CDG_COND_CASE(10) CDG_COND_CASE(11)
+#undef CDG_COND_CASE
+    default: cond_block<P, V>(xb, toff, wk, ci, rng, nr, acc); break;
+  }
+  for (int q = 0; q < k; ++q)
+    for (int v = 0; v < V; ++v) store8(dst[q] + 8 * v, acc[q * V + v]);
+}
+
+// Block order (C_g a multiple of 8): per gate entry, its open positions in the tile, in blocks of 6
+// positions x 16 channels (or 12 x 8): all of an open entry's channels in whole vectors.
+int64_t cond_tile_blocks(const CondArgs& a, const Tile& tile, TileBuffers& b) {
+  constexpr int P2 = 6, P1 = 12;  // 12 accumulators either way (AVX2 has 16 vector registers)
+  const Geom& g = a.g;
+  const int64_t per_sample = tile.rows() * g.wo;
+  const int64_t p0 = (tile.n0 * g.ho + tile.oh0) * g.wo, tp = (tile.n1 - tile.n0) * per_sample;
+  const int64_t ne = g.co / a.cg, nv = a.cg / 8, cog = g.co / a.groups, cig = g.ci / a.groups;
+  int64_t rs = 0, ss = 0;
+  const float* rows = fill_rows(a.x, g, tile, b.rows, &rs, &ss);
+  b.off.resize(tp);
+  for (int64_t s = 0, q = 0; s < tile.n1 - tile.n0; ++s)
+    for (int64_t r = 0; r < tile.rows(); ++r)
+      for (int64_t ow = 0; ow < g.wo; ++ow, ++q) b.off[q] = s * ss + r * g.s * rs + ow * g.s * g.ci;
+  int64_t toff[9];
+  for (int t = 0; t < 9; ++t) toff[t] = (t / 3) * rs + (t % 3) * g.ci;
+  b.open.resize(tp * ne);
+  for (int64_t q = 0; q < tp; ++q) {
+    const float* __restrict th = a.thr + (tile.n0 + q / per_sample) * ne;
+    const float* __restrict ybp = a.yb + (p0 + q) * g.co;
+    uint8_t* __restrict oq = b.open.data() + q * ne;
+    for (int64_t e = 0; e < ne; ++e) oq[e] = salience(ybp + e * a.cg, a.cg) > th[e] ? 1 : 0;
+  }
+  if (a.mask != nullptr) std::memcpy(a.mask + p0 * ne, b.open.data(), tp * ne);
+  b.list.resize(tp);
+  int32_t* __restrict lst = b.list.data();
+  float* out0 = a.out + p0 * g.co;
+  std::memset(out0, 0, tp * g.co * sizeof(float));  // Y_cond = 0 where the gate is closed
+  const float* xb[P1];
+  float* dst[P1];
+  int64_t total = 0;
+  for (int64_t e = 0; e < ne; ++e) {
+    int64_t m = 0;
+    const uint8_t* __restrict oe = b.open.data() + e;
+    for (int64_t q = 0; q < tp; ++q) {
+      lst[m] = static_cast<int32_t>(q);
+      m += oe[q * ne];
+    }
+    if (m == 0) continue;
+    total += m * a.cg;
+    const int64_t o = e * a.cg / cog;  // the entry's output group: its own input group is skipped
+    const Range rng[2] = {{0, o * cig}, {(o + 1) * cig, g.ci}};
+    for (int64_t v0 = 0; v0 < nv; v0 += 2) {
+      const bool two = v0 + 1 < nv;
+      const int P = two ? P2 : P1;
+      const float* wk = a.wblk + (e * nv + v0) * 9 * g.ci * 8;
+      for (int64_t i = 0; i < m; i += P) {
+        const int k = static_cast<int>(std::min<int64_t>(P, m - i));
+        for (int q = 0; q < k; ++q) {
+          xb[q] = rows + b.off[lst[i + q]];
+          dst[q] = out0 + static_cast<int64_t>(lst[i + q]) * g.co + e * a.cg + 8 * v0;
+        }
+        if (two)
+          cond_store<P2, 2>(k, xb, toff, wk, g.ci, rng, 2, dst);
+        else
+          cond_store<P1, 1>(k, xb, toff, wk, g.ci, rng, 2, dst);
+      }
+    }
+  }
+  epilogue(a, p0, p0 + tp);
+  return total;
+}
+
 // Input ranges inside a 3 x C_in segment that output group o reads in the conditional path: every
 // input channel but group o's own where C_in / G is a multiple of 8 (aligned vectors), else all
 // (the diagonal weights are zero).
@@ -715,7 +829,7 @@ torch::Tensor thresholds(torch::Tensor y_base, torch::Tensor tau, int64_t cg, do
 std::vector<torch::Tensor> cond(torch::Tensor x, torch::Tensor y_base, torch::Tensor thr, torch::Tensor wz,
                                 torch::Tensor scale, torch::Tensor bias, torch::Tensor residual, bool relu,
                                 int64_t stride, int64_t cg, int64_t groups, bool want_mask, int64_t tile_bytes,
-                                int64_t order) {
+                                int64_t order, torch::Tensor wblk) {
   for (auto* p : {&x, &y_base, &thr, &wz, &scale, &bias}) check(*p, "input");
   const bool has_res = residual.numel() > 0;
   if (has_res) check(residual, "residual");
@@ -725,7 +839,8 @@ std::vector<torch::Tensor> cond(torch::Tensor x, torch::Tensor y_base, torch::Te
   a.groups = groups;
   a.relu = relu;
   const Geom& g = a.g;
-  // order: 1 channel-major, 2 position-major, 0 automatic (position-major for few output channels)
+  // order: 1 channel-major, 2 position-major, 3 blocks (C_g a multiple of 8), 0 automatic (blocks where
+  // the packed weights are given, else position-major for few output channels)
   a.positions = order == 2 || (order == 0 && g.co <= POSITION_MAJOR_MAX_CO);
   TORCH_CHECK(g.ho == (g.h - 1) / stride + 1 && g.wo == (g.w - 1) / stride + 1 && y_base.size(0) == g.n,
               "sparse_conv.cond: y_base shape does not match x and stride");
@@ -742,6 +857,13 @@ std::vector<torch::Tensor> cond(torch::Tensor x, torch::Tensor y_base, torch::Te
   a.yb = y_base.data_ptr<float>();
   a.thr = thr.data_ptr<float>();
   a.wz = wz.data_ptr<float>();
+  // order 3 (or 0 with C_g a multiple of 8 and the packed weights given): block order
+  const bool blocks = wblk.numel() > 0 && cg % 8 == 0 && (order == 3 || order == 0);
+  if (blocks) {
+    check(wblk, "wblk");
+    TORCH_CHECK(wblk.numel() == g.co * 9 * g.ci, "sparse_conv.cond: wblk must hold C_out x 9 x C_in floats");
+  }
+  a.wblk = blocks ? wblk.data_ptr<float>() : nullptr;
   a.scale = scale.data_ptr<float>();
   a.bias = bias.data_ptr<float>();
   a.res = has_res ? residual.data_ptr<float>() : nullptr;
@@ -752,9 +874,11 @@ std::vector<torch::Tensor> cond(torch::Tensor x, torch::Tensor y_base, torch::Te
   std::atomic<int64_t> total{0};
   for_tiles(g, tile_bytes, [&](const Tile& tile) {
     thread_local TileBuffers b;
-    total.fetch_add(a.positions ? cond_tile_positions(a, tile, b) : cond_tile(a, tile, b));
+    total.fetch_add(blocks ? cond_tile_blocks(a, tile, b)
+                           : a.positions ? cond_tile_positions(a, tile, b) : cond_tile(a, tile, b));
   });
   g_calls_cond.fetch_add(1);
+  if (blocks) g_calls_blocks.fetch_add(1);
   return {out, mask, torch::tensor(total.load(), x.options().dtype(torch::kInt64))};
 }
 
@@ -818,7 +942,8 @@ std::vector<int64_t> phase_ns() {
 }
 
 std::vector<int64_t> calls() {
-  return {g_calls_base.load(), g_calls_thresholds.load(), g_calls_cond.load(), g_calls_combine.load()};
+  return {g_calls_base.load(), g_calls_thresholds.load(), g_calls_cond.load(), g_calls_combine.load(),
+          g_calls_blocks.load()};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -828,5 +953,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("combine", &combine, "CDG sparse inference: Eq. 3 with a dense conditional path + epilogue");
   m.def("set_profile", &set_profile, "time the phases of cond (input rows, gate, lists + dot products, epilogue)");
   m.def("phase_ns", &phase_ns, "ns per cond phase since set_profile(True)");
-  m.def("calls", &calls, "calls of (base_conv, thresholds, cond, combine) made in this process");
+  m.def("calls", &calls, "calls of (base_conv, thresholds, cond, combine, cond in block order) made in this process");
 }
