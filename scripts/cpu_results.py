@@ -10,6 +10,7 @@ on a randomly initialised backbone is the floor.
     python scripts/cpu_results.py run [ROW ...]     # resumable: finished rows are skipped
     python scripts/cpu_results.py report            # writes docs/results.md and docs/img/*.png
     python scripts/cpu_results.py list
+    python scripts/cpu_results.py --results runs/evidence promote ROW ...   # archive finished rows in results/cpu
 
 ``--results DIR`` (before the command) keeps the runs elsewhere than ``results/cpu``; ``run --jobs N``
 runs N rows at once, each in its own process (on a GPU the small-width rows are launch-bound, so
@@ -118,6 +119,38 @@ def run(rows: list[str], jobs: int = 1) -> None:
             cdg("knn", "--run", str(out))
 
 
+def promote(rows: list[str], dest: Path) -> None:
+    """Copy finished rows of ``RESULTS`` (e.g. ``runs/evidence``) into ``dest`` (``results/cpu``), the
+    folder docs/results.md is generated from: config.yaml, metrics.json, the CSV log, the row's
+    console log and the backbone in float16 (about 1.4 MB at width 0.25), so that any evaluation can
+    be re-run on the archived row (``cdg linear --run results/cpu/ROW``) without re-training.
+    A row already in ``dest`` is replaced (git keeps the old one)."""
+    import shutil
+
+    import torch
+
+    from cdg.export import save_backbone
+    from cdg.runs import load_run
+
+    if RESULTS == dest.resolve():
+        sys.exit(f"promote: --results is already {dest}")
+    for row in rows:
+        src, m = RESULTS / row, metrics(row)
+        if row not in ROWS or "linear_top1" not in m or "knn_top1" not in m or not (src / "backbone.pt").is_file():
+            sys.exit(f"promote: {src} is not a finished row (needs backbone.pt and the linear and kNN results)")
+        out = dest / row
+        if out.exists():
+            shutil.rmtree(out)
+        (out / "logs").mkdir(parents=True)
+        for name in ("config.yaml", "metrics.json", "logs/metrics.csv"):
+            shutil.copy2(src / name, out / name)
+        if (RESULTS / f"{row}.log").is_file():
+            shutil.copy2(RESULTS / f"{row}.log", dest / f"{row}.log")
+        cfg, backbone = load_run(src)
+        save_backbone(out / "backbone.pt", cfg, backbone, dtype=torch.float16)
+        print(f"{row}: {src} -> {out} (backbone float16, {(out / 'backbone.pt').stat().st_size / 1e6:.1f} MB)")
+
+
 def _table(results: Path) -> list[str]:
     """One markdown row per run directory of ``results`` (in ROWS order)."""
     got = {row: m for row in ROWS if (m := metrics(row, results))}
@@ -197,9 +230,10 @@ def _figures(gpu: Path, cpu: Path) -> list[str]:
     except Exception as e:  # e.g. the test images are not found: the page is still written
         lines += [f"Fig. 9 not drawn: {type(e).__name__}: {e}", ""]
         return lines
+    where = (f"the {FIG9_ROW} row's own weights, archived in float16" if src.parent in (gpu, cpu) else
+             f"the {FIG9_ROW} recipe pre-trained again on the CPU with its weights kept (the row's folder keeps none)")
     lines += [f"**Inside a gated layer (Fig. 9):** `cdg visualize --run {src.relative_to(ROOT)} --out "
-              f"docs/img/fig9_gates.png`, layer {vis.layer}, 4 test images (seed 0). `{src.relative_to(ROOT)}` is the "
-              f"{FIG9_ROW} recipe pre-trained again on the CPU with its weights kept (the row's folder keeps none).",
+              f"docs/img/fig9_gates.png`, layer {vis.layer}, 4 test images (seed 0): {where}.",
               "", f"![Inside a gated layer (Fig. 9)](img/{vis.path.name})", ""]
     return lines
 
@@ -241,7 +275,10 @@ def report() -> None:
         "## The same recipe on the 2-core CPU (`results/cpu`), a replicate on other hardware",
         "",
         "An AVX2-only AMD EPYC without native bf16, one thread per row, with one to three other jobs sharing",
-        "the 2 cores, so these wall times are rough.",
+        "the 2 cores, so these wall times are rough. Rows with a `backbone.pt` in their folder keep their trained",
+        "weights in float16 (`scripts/cpu_results.py promote`): `cdg linear|knn|finetune|visualize --run results/cpu/ROW`",
+        "re-evaluates them without re-training. FBS rows marked `baseline_form: v1` in their config.yaml were trained",
+        "before FBS/DGC were rebuilt in their official form (see the findings below).",
         "",
         *_table(cpu),
     ]
@@ -256,13 +293,15 @@ def report() -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the run directories")
-    ap.add_argument("cmd", nargs="?", default="list", choices=["run", "report", "list"])
+    ap.add_argument("cmd", nargs="?", default="list", choices=["run", "report", "list", "promote"])
     ap.add_argument("rows", nargs="*")
     ap.add_argument("--jobs", type=int, default=1, help="run: rows at once, one process each")
     args = ap.parse_args()
     RESULTS = args.results.resolve()
     if args.cmd == "run":
         run(args.rows, args.jobs)
+    elif args.cmd == "promote":
+        promote(args.rows, ROOT / "results" / "cpu")
     elif args.cmd == "report":
         report()
     else:

@@ -135,6 +135,21 @@ def test_save_and_load_backbone_without_config_yaml(tmp_path):
     assert set(state) == set(ours.state_dict()) and meta["gating"]["mode"] == "dual" and "state_dict" not in meta
 
 
+def test_half_precision_backbone_loads_back_into_float32(tmp_path):
+    """Archived result rows keep their weights in float16; they load into the float32 backbone."""
+    cfg = _cfg({"width": 0.25}, {"mode": "dense"})
+    ours = _perturb(build_backbone(cfg))
+    path = save_backbone(tmp_path / "backbone.pt", cfg, ours, dtype=torch.float16)
+    state, _ = read_backbone_file(path)
+    assert state["conv1.weight"].dtype == torch.float16 and state["bn1.num_batches_tracked"].dtype == torch.int64
+    back = load_backbone(path)
+    assert back.conv1.weight.dtype == torch.float32
+    torch.testing.assert_close(back.conv1.weight, ours.conv1.weight.half().float())
+    x = torch.randn(3, 3, 32, 32)
+    a, b = _features(back, x), _features(ours, x)
+    assert not torch.equal(a, b) and torch.allclose(a, b, rtol=2e-2, atol=2e-2)
+
+
 def test_old_bare_backbone_still_loads_through_the_run(tmp_path):
     cfg = _cfg({"width": 0.25}, {"mode": "dual", "groups": 2})
     ours = _perturb(build_backbone(cfg))

@@ -59,18 +59,22 @@ STEMS = ("cifar", "imagenet")
 # --------------------------------------------------------------------------- the run's backbone.pt
 
 
-def save_backbone(path: str | Path, cfg: Config, backbone: nn.Module) -> Path:
+def save_backbone(path: str | Path, cfg: Config, backbone: nn.Module, dtype: torch.dtype | None = None) -> Path:
     """Write ``backbone`` with the ``model`` and ``gating`` settings that build it, atomically.
 
     The file is the self-describing format of the module docstring; :func:`load_backbone` needs
-    nothing else to rebuild the backbone."""
+    nothing else to rebuild the backbone. ``dtype`` (e.g. ``torch.float16``, for archived result
+    rows) stores the floating-point tensors in that type; loading casts them back to the module's."""
+    state = backbone.state_dict()
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     obj = {
         "format": FORMAT,
         "version": VERSION,
         "model": dataclasses.asdict(cfg.model),
         "gating": dataclasses.asdict(cfg.gating),
         "num_features": int(getattr(backbone, "num_features")),
-        "state_dict": backbone.state_dict(),
+        "state_dict": state,
     }
     return atomic_torch_save(obj, path)
 
