@@ -50,6 +50,9 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "simclr_overlap75_g4": ("T2", "SimCLR + CDG, 75% base-path overlap, G=4", ["gating.mode=dual", "gating.groups=4", "gating.overlap=75"]),
     "simclr_overlap50_g4": ("T2", "SimCLR + CDG, 50% base-path overlap, G=4", ["gating.mode=dual", "gating.groups=4", "gating.overlap=50"]),
     "simclr_cdg_g4_cg4": ("T5", "SimCLR + structured CDG, C_g=4, G=4", ["gating.mode=dual", "gating.groups=4", "gating.group_size=4"]),
+    # structured masks whose entries are whole 8-lane vectors: what the sparse kernel's block order speeds up
+    "simclr_cdg_g4_cg8": ("T5/speed", "SimCLR + structured CDG, C_g=8, G=4", ["gating.mode=dual", "gating.groups=4", "gating.group_size=8"]),
+    "simclr_cdg_g4_cg16": ("T5/speed", "SimCLR + structured CDG, C_g=16, G=4", ["gating.mode=dual", "gating.groups=4", "gating.group_size=16"]),
     # Fig. 7: the CDG G=4 row with other threshold targets s (simclr_cdg_g4 is s = 1.0)
     "simclr_cdg_g4_s0": ("F7", "SimCLR + CDG, G=4, target s=0.0", ["gating.mode=dual", "gating.groups=4", "gating.target=0.0"]),
     "simclr_cdg_g4_s05": ("F7", "SimCLR + CDG, G=4, target s=0.5", ["gating.mode=dual", "gating.groups=4", "gating.target=0.5"]),
@@ -61,7 +64,17 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "mocov2_cdg_g4": ("T7", "MoCo V2+ + CDG, G=4", ["method.name=mocov2", "optim.name=sgd", "optim.lr=0.3", "optim.weight_decay=1e-4", "method.queue_size=32768", "gating.mode=dual", "gating.groups=4"]),
     "simsiam_dense": ("T7", "SimSiam dense", ["method.name=simsiam", "optim.name=sgd", "optim.lr=0.5", "optim.weight_decay=1e-5", "method.proj_output_dim=2048", "model.zero_init_residual=true"]),
     "simsiam_cdg_g4": ("T7", "SimSiam + CDG, G=4", ["method.name=simsiam", "optim.name=sgd", "optim.lr=0.5", "optim.weight_decay=1e-5", "method.proj_output_dim=2048", "model.zero_init_residual=true", "gating.mode=dual", "gating.groups=4"]),
+    # MoCo V2+ with hard gates: the key encoder's masks (key_gates) and a shorter EMA horizon
+    "mocov2_cdg_g4_query": ("T7", "MoCo V2+ + CDG, G=4, key encoder reuses the query's masks (deviation)", ["method.name=mocov2", "optim.name=sgd", "optim.lr=0.3", "optim.weight_decay=1e-4", "method.queue_size=32768", "gating.mode=dual", "gating.groups=4", "method.key_gates=query"]),
+    "mocov2_cdg_g4_ema09": ("T7", "MoCo V2+ + CDG, G=4, momentum 0.9 -> 0.99 (deviation)", ["method.name=mocov2", "optim.name=sgd", "optim.lr=0.3", "optim.weight_decay=1e-4", "method.queue_size=32768", "gating.mode=dual", "gating.groups=4", "method.base_momentum=0.9", "method.final_momentum=0.99"]),
+    "mocov2_dense_ema09": ("T7", "MoCo V2+ dense, momentum 0.9 -> 0.99 (deviation)", ["method.name=mocov2", "optim.name=sgd", "optim.lr=0.3", "optim.weight_decay=1e-4", "method.queue_size=32768", "method.base_momentum=0.9", "method.final_momentum=0.99"]),
 }
+# seeds 1 and 2 of the rows whose differences the findings weigh (seed 0 is the row itself)
+SEEDED = ("simclr_dense", "simclr_cdg_g4", "simclr_cgnet_g4")
+for _row in SEEDED:
+    for _seed in (1, 2):
+        _shape, _desc, _over = ROWS[_row]
+        ROWS[f"{_row}_seed{_seed}"] = ("seeds", f"{_desc}, seed {_seed}", [*_over, f"trainer.seed={_seed}"])
 
 
 def cdg(*args: str) -> None:
@@ -153,7 +166,7 @@ def promote(rows: list[str], dest: Path) -> None:
 
 def _table(results: Path) -> list[str]:
     """One markdown row per run directory of ``results`` (in ROWS order)."""
-    got = {row: m for row in ROWS if (m := metrics(row, results))}
+    got = {row: m for row in ROWS if ROWS[row][0] != "seeds" and (m := metrics(row, results))}
     dense = {meth: got.get(f"{meth}_dense", {}).get("linear_top1") for meth in ("simclr", "mocov2", "simsiam")}
     pct = lambda v: f"{100 * v:.2f}%" if v is not None else ""  # noqa: E731
     lines = ["| row | shape of | linear probe top-1 | vs dense | kNN top-1 | eta (test) | FLOPs red. Eq. 13 "
@@ -172,6 +185,23 @@ def _table(results: Path) -> list[str]:
         red = lambda k: f"{m[k]:.2f}x" if m.get(k) is not None else "1.00x"  # noqa: E731
         lines.append(f"| {desc} | {shape} | {linear} | {delta} | {knn} | {pct(m.get('eta')) or '-'} "
                      f"| {red('flops_reduction_eq13')} | {red('flops_reduction_exact')} | {wall} |")
+    return lines
+
+
+def _seeds_table(results: Path) -> list[str]:
+    """Mean and spread over seeds 0, 1, 2 of the SEEDED rows of ``results`` (those that exist)."""
+    import statistics
+
+    lines = ["| row | seeds run | linear probe top-1, mean ± sd (min-max) | kNN top-1, mean ± sd (min-max) |",
+             "|---|---|---|---|"]
+    for row in SEEDED:
+        ms = [m for r in (row, f"{row}_seed1", f"{row}_seed2") if (m := metrics(r, results))]
+        cells = []
+        for key in ("linear_top1", "knn_top1"):
+            v = [100 * m[key] for m in ms if m.get(key) is not None]
+            sd = f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else ""
+            cells.append(f"{statistics.mean(v):.2f}%{sd} ({min(v):.2f}-{max(v):.2f})" if v else "-")
+        lines.append(f"| {ROWS[row][1]} | {len(ms)} of 3 | {cells[0]} | {cells[1]} |")
     return lines
 
 
@@ -199,7 +229,7 @@ def _figures(gpu: Path, cpu: Path) -> list[str]:
     from cdg.viz import visualize
 
     img = DOCS / "img"
-    dirs = [d for results in (gpu, cpu) for row in ROWS if (d := results / row).is_dir()
+    dirs = [d for results in (gpu, cpu) for row in ROWS if ROWS[row][0] != "seeds" and (d := results / row).is_dir()
             and ((d / "metrics.json").is_file() or (d / "logs" / "metrics.csv").is_file())]
     runs = load_runs(dirs)
     for r in runs:  # every label names its host folder, as the tables do
@@ -281,6 +311,13 @@ def report() -> None:
         "before FBS/DGC were rebuilt in their official form (see the findings below).",
         "",
         *_table(cpu),
+        "",
+        "### Seeds (`results/cpu`)",
+        "",
+        "The same rows with `trainer.seed` 1 and 2 (rows `ROW_seed1`, `ROW_seed2`); sd is the sample standard",
+        "deviation over the seeds run. A difference between rows smaller than about twice the sd is noise.",
+        "",
+        *_seeds_table(cpu),
     ]
     lines += _figures(gpu, cpu)
     notes = DOCS / "results_findings.md"
