@@ -45,15 +45,48 @@ def inference_form(run: Path) -> tuple[torch.nn.Module, str]:
     return export_inference(backbone.eval()), ("sparse form" if gated else "dense, BN folded") + ", " + weights
 
 
+def plot(rows: list[dict], out: Path, host: str, threads: int, batch: int) -> None:
+    """Linear-probe accuracy against images/s, one labelled point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["linear_top1"] is None:
+            continue
+        marker = "s" if r["form"].startswith("dense") else "o"
+        ax.scatter(r["img_s"], 100 * r["linear_top1"], marker=marker, s=40)
+        ax.annotate(r["run"], (r["img_s"], 100 * r["linear_top1"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.set(xlabel=f"images/s (CPU, {threads} thread, batch {batch}, float32)",
+           ylabel="linear-probe top-1 (%), CIFAR-10 test", title="Accuracy against measured inference speed")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.2, y=0.1)  # room for the labels
+    fig.text(0.01, 0.01, f"{host}. Squares: dense (BN folded, oneDNN); circles: cdg sparse form. "
+             "4-epoch CPU recipe, fast linear probe.", fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"\nwrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("runs", nargs="*", type=Path)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", type=Path, help="PNG of linear-probe accuracy against images/s")
     p.add_argument("--json", type=Path)
+    p.add_argument("--replot", type=Path, help="draw --out from a --json file of an earlier run (no measuring)")
     a = p.parse_args()
+    if a.replot:
+        r = json.loads(a.replot.read_text())
+        plot(r["rows"], a.out, r["host"], r["threads"], r["batch"])
+        return
     torch.set_num_threads(a.threads)
     cfg0 = load_config(a.runs[0] / "config.yaml")
     x, what = load_images(cfg0, a.batch)
@@ -88,30 +121,7 @@ def main() -> None:
         a.json.write_text(json.dumps({"host": host_name(), "torch": torch.__version__, "threads": a.threads,
                                       "batch": a.batch, "rounds": a.rounds, "images": what, "rows": rows}, indent=2))
     if a.out:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in rows:
-            if r["linear_top1"] is None:
-                continue
-            marker = "s" if r["form"].startswith("dense") else "o"
-            ax.scatter(r["img_s"], 100 * r["linear_top1"], marker=marker, s=40)
-            ax.annotate(r["run"], (r["img_s"], 100 * r["linear_top1"]), textcoords="offset points", xytext=(5, 4),
-                        fontsize=8)
-        ax.set(xlabel=f"images/s (CPU, {a.threads} thread, batch {a.batch}, float32)",
-               ylabel="linear-probe top-1 (%), CIFAR-10 test",
-               title="Accuracy against measured inference speed")
-        ax.grid(alpha=0.3)
-        ax.margins(x=0.2, y=0.1)  # room for the labels
-        fig.text(0.01, 0.01, f"{host_name()}. Squares: dense (BN folded, oneDNN); circles: cdg sparse form. "
-                 "4-epoch CPU recipe, fast linear probe.", fontsize=7)
-        fig.tight_layout(rect=(0, 0.04, 1, 1))
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(a.out, dpi=120)
-        print(f"\nwrote {a.out}")
+        plot(rows, a.out, host_name(), a.threads, a.batch)
 
 
 if __name__ == "__main__":

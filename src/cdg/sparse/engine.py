@@ -45,7 +45,7 @@ KERNELS = ("auto", "cpp", "torch")
 #: row (9 x C_in floats) and the patches
 #: no longer fit the caches of the sparse kernel's loops, which then lose to the dense convolution
 #: (ResNet-18 width 1, layer4: 2.3x the dense conv at 42% density, AMD EPYC AVX2, README
-#: "Sparse inference"). Same values.
+#: "Speed"). Same values.
 DENSE_COND_MIN_CIN = 512
 
 
