@@ -222,7 +222,7 @@ class SparseGatedConv(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, G={self.groups}, "
                 f"C_g={self.group_size}, relu={self.relu}, norm={self.norm}, kernel={self.kernel}"
-                + (", cond=dense" if self.dense_cond else ""))
+                + (", cond=dense" if self.dense_cond else ", cond=blocks" if self.cond_blocks is not None else ""))
 
 
 def _layer(spec: Mapping[str, Any], kernel: str) -> nn.Module:
