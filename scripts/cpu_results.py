@@ -134,8 +134,8 @@ def run(rows: list[str], jobs: int = 1) -> None:
 
 def promote(rows: list[str], dest: Path) -> None:
     """Copy finished rows of ``RESULTS`` (e.g. ``runs/evidence``) into ``dest`` (``results/cpu``), the
-    folder docs/results.md is generated from: config.yaml, metrics.json, the CSV log, the row's
-    console log and the backbone in float16 (about 1.4 MB at width 0.25), so that any evaluation can
+    folder docs/results.md is generated from: config.yaml, metrics.json, the CSV logs (pre-training,
+    and fine-tuning where it ran), the row's console log and the backbone in float16 (about 1.4 MB at width 0.25), so that any evaluation can
     be re-run on the archived row (``cdg linear --run results/cpu/ROW``) without re-training.
     A row already in ``dest`` is replaced (git keeps the old one)."""
     import shutil
@@ -157,6 +157,9 @@ def promote(rows: list[str], dest: Path) -> None:
         (out / "logs").mkdir(parents=True)
         for name in ("config.yaml", "metrics.json", "logs/metrics.csv"):
             shutil.copy2(src / name, out / name)
+        if (src / "finetune" / "logs" / "metrics.csv").is_file():  # eta during fine-tuning (Fig. 8b)
+            (out / "finetune" / "logs").mkdir(parents=True)
+            shutil.copy2(src / "finetune" / "logs" / "metrics.csv", out / "finetune" / "logs" / "metrics.csv")
         if (RESULTS / f"{row}.log").is_file():
             shutil.copy2(RESULTS / f"{row}.log", dest / f"{row}.log")
         cfg, backbone = load_run(src)

@@ -154,6 +154,15 @@ def test_finetune_and_sgd_linear_protocols(cifar10_root, tmp_path, monkeypatch, 
     after = torch.load(out / "finetuned_backbone.pt", weights_only=True)
     taus = [k for k in before if k.endswith("tau")]
     assert taus and any(not torch.equal(before[k], after[k]) for k in taus)  # tau trained in fine-tuning
+    # eta during fine-tuning (Fig. 8b): every log_every_n_steps steps
+    etas = [(int(r["step"]), float(r["finetune/eta"])) for r in read_log(out / "finetune") if r.get("finetune/eta")]
+    every = load_config(out / "config.yaml").trainer.log_every_n_steps
+    assert [s for s, _ in etas] == list(range(every - 1, 195, every)) and all(0.0 < e < 1.0 for _, e in etas)
+    assert m["finetune_steps_per_epoch"] == 195
+    from cdg.plots import load_runs, plot_runs
+
+    assert load_runs([out])[0].finetune_eta_series()[-1][0] == pytest.approx(180 / 195)
+    assert plot_runs([out], tmp_path / "plots", figures=["fig8b"]).drawn["fig8b"].panels == 2
 
 
 def test_tensorboard_logger_and_lr_monitor(cifar10_root, tmp_path):

@@ -12,7 +12,8 @@ protocol) and CSV log (:func:`cdg.runs.read_log`) and writes one PNG per figure:
   reduction, one point per CDG-family run; runs of one folder that differ only in
   ``gating.target`` are joined (Fig. 7).
 * ``fig8a_eta_per_branch.png``: eta of branch a1 and a2 during pre-training (Fig. 8a).
-* ``fig8b_eta_finetune.png``: eta before and after fine-tuning, runs with ``finetune_eta`` (Fig. 8b).
+* ``fig8b_eta_finetune.png``: eta during fine-tuning (``finetune/logs/metrics.csv``) and before / after
+  it on the test set, runs with ``finetune_eta`` (Fig. 8b).
 * ``fig8c_eta_per_layer.png``: eta per gated layer from ``eta_per_layer`` (Fig. 8c; bars for up to
   :data:`BAR_RUNS` runs, lines beyond).
 
@@ -60,6 +61,17 @@ class RunData:
     cfg: Config | None
     metrics: dict[str, Any]
     log: list[dict[str, str]]
+    #: rows of the fine-tuning log (``finetune/logs/metrics.csv``), where ``cdg finetune`` ran
+    finetune_log: list[dict[str, str]] = field(default_factory=list)
+
+    def finetune_eta_series(self) -> list[tuple[float, float]]:
+        """(fine-tuning epoch, eta of the training batches) from the ``finetune/eta`` column: the
+        value logged at global step s is placed at ``(s + 1) / n``, n = ``finetune_steps_per_epoch``."""
+        rows = [r for r in self.finetune_log if r.get("finetune/eta") and r.get("step")]
+        n = self.value("finetune_steps_per_epoch")
+        if not rows or not n:
+            return []
+        return [((float(r["step"]) + 1) / n, float(r["finetune/eta"])) for r in rows]
 
     @property
     def mode(self) -> str:
@@ -151,12 +163,13 @@ def load_runs(paths: Sequence[str | Path]) -> list[RunData]:
             raise FileNotFoundError(f"{p} is not a cdg run directory: it has neither metrics.json nor logs/metrics.csv "
                                     f"(pre-train it with `cdg pretrain --out {p}` and evaluate it first)")
         cfg = load_config(p / "config.yaml") if (p / "config.yaml").is_file() else None
-        found.append((p, cfg, read_metrics(p), read_log(p) if has_log else []))
+        ft = read_log(p / "finetune") if (p / "finetune" / "logs" / "metrics.csv").is_file() else []
+        found.append((p, cfg, read_metrics(p), read_log(p) if has_log else [], ft))
     names = [p.name for p, *_ in found]
     runs = []
-    for p, cfg, m, log in found:
+    for p, cfg, m, log, ft in found:
         label = p.name if names.count(p.name) == 1 else f"{p.name} ({p.resolve().parent.name})"
-        runs.append(RunData(p, label, cfg, m, log))
+        runs.append(RunData(p, label, cfg, m, log, ft))
     return runs
 
 
@@ -482,15 +495,33 @@ def fig8a_eta_per_branch(plt, runs: list[RunData], path: Path, notes: list[str])
 
 
 def fig8b_eta_finetune(plt, runs: list[RunData], path: Path, notes: list[str]) -> Drawn | None:
-    """eta of the pre-trained backbone and after fine-tuning (Fig. 8b), runs with ``finetune_eta``."""
+    """eta during fine-tuning (Fig. 8b): the training batches' eta over the fine-tuning epochs
+    (``finetune/eta`` in ``finetune/logs/metrics.csv``), and eta on the test set of the pre-trained
+    and of the fine-tuned backbone (``eta``, ``finetune_eta``)."""
     shown = [r for r in runs if r.value("finetune_eta") is not None]
     if not shown:
         notes.append("fig8b: skipped: no run has finetune_eta (run `cdg finetune --run DIR` first)")
         return None
-    caption = ("Fig. 8b: eta (test set, branch a1) of the pre-trained backbone and after fine-tuning with gating "
-               "active (tau trained toward the target s). " + protocol_caption(shown, ["eta", "finetune_eta"]))
-    fig, axes, bottom = _figure(plt, 1, caption, panel_w=max(5.0, 1.2 * len(shown) + 2))
-    ax = axes[0]
+    curves = [r for r in shown if r.finetune_eta_series()]
+    caption = ("Fig. 8b: eta during fine-tuning with gating active (tau trained toward the target s)"
+               + (": left, eta of the training batches (branch a1, augmented, logged every "
+                  "trainer.log_every_n_steps steps) over the fine-tuning epochs, the dotted line at the pre-trained "
+                  "backbone's test-set eta; right, " if curves else ": ")
+               + "eta on the test set (branch a1) after pre-training and after fine-tuning. "
+               + protocol_caption(shown, ["eta", "finetune_eta", "finetune_top1"]))
+    fig, axes, bottom = _figure(plt, 2 if curves else 1, caption, panel_w=max(5.0, 1.2 * len(shown) + 2))
+    if curves:
+        ax = axes[0]
+        for i, r in enumerate(curves):
+            xs, ys = zip(*r.finetune_eta_series())
+            line = ax.plot(xs, [100 * y for y in ys], marker=MARKERS[i % len(MARKERS)], ms=3, label=r.label)[0]
+            if r.value("eta") is not None:
+                ax.axhline(100 * r.value("eta"), color=line.get_color(), ls=":", lw=1)
+        ax.set(xlabel="fine-tuning epoch", ylabel="eta, training batches (%)", title="eta during fine-tuning",
+               ylim=(0, 100))
+        ax.grid(alpha=0.3)
+        _legend(ax, fontsize=8)
+    ax = axes[-1]
     w = 0.38
     for i, r in enumerate(shown):
         for j, (key, c, lab) in enumerate((("eta", "tab:gray", "after pre-training"),

@@ -289,7 +289,8 @@ def _supervised(run_dir: str | Path, finetune: bool, epochs: int | None, save: b
     # after fine-tuning the gates are the fine-tuned ones: eta then belongs to the fine-tuned backbone
     sp_prot = (_sparsity_protocol(cfg, stage=f"after fine-tuning {n_epochs} epochs on {split}") if finetune else None)
     r = _result(cfg, key, "fine-tune top-1" if finetune else "linear probe (SGD) top-1", acc, prot,
-                {f"{stage}_wall_s": time.time() - t0}, sparsity_values(cfg, stats), sp_prot,
+                {f"{stage}_wall_s": time.time() - t0, f"{stage}_steps_per_epoch": len(loader)},
+                sparsity_values(cfg, stats), sp_prot,
                 prefix="finetune_" if finetune else "")
     r.writers.extend(writers)
     if finetune:

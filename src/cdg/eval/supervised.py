@@ -4,7 +4,8 @@
   classifier trained with SGD (momentum 0.9, no weight decay), lr steps at the milestones.
 * Fine-tuning (``finetune=True``): backbone and classifier trained on a seeded stratified label
   fraction (50%), gating active on branch a1, tau trainable toward the final target s (Eq. 11
-  regulariser kept, Sec. 5.2), SGD with cosine decay.
+  regulariser kept, Sec. 5.2), SGD with cosine decay. eta of the training batches is logged as
+  ``finetune/eta`` (``finetune/logs/metrics.csv``, Fig. 8b).
 
 Both augment with random resized crop (scale 0.08-1) and horizontal flip, batched per sample.
 """
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from cdg.builders import gating_target
 from cdg.config import Config
 from cdg.data import AugmentConfig, BatchAugment, dataset_info, normalize_batch
-from cdg.nn import pop_aux_losses, sparsity_objective, threshold_layers
+from cdg.nn import gate_statistics, pop_aux_losses, reset_gate_stats, sparsity_objective, threshold_layers
 from cdg.optim import build_warmup_cosine_scheduler
 from cdg.optim.schedule import total_steps
 
@@ -66,7 +67,19 @@ class SupervisedHead(L.LightningModule):
         if self.finetune:
             loss = loss + sparsity_objective(self.backbone, self.target, self.cfg.gating.lam).to(loss.device)
             loss = loss + pop_aux_losses(self.backbone).to(loss.device)  # FBS / DGC predictors (docs/design.md §5)
+            self._log_eta()
         return loss
+
+    def _log_eta(self) -> None:
+        """eta during fine-tuning (Fig. 8b): the training batches' gates (branch a1) since the last
+        log, on the steps Lightning writes to the log (every ``trainer.log_every_n_steps``)."""
+        every = max(1, self.cfg.trainer.log_every_n_steps)
+        if (self.global_step + 1) % every:
+            return
+        stats = gate_statistics(self.backbone, "train")
+        if "eta_a1" in stats:
+            self.log("finetune/eta", float(stats["eta_a1"]), on_step=True, on_epoch=False, batch_size=1)
+        reset_gate_stats(self.backbone)
 
     def configure_optimizers(self):
         e = self.cfg.eval
