@@ -218,7 +218,7 @@ FIGURE_TEXT: tuple[tuple[str, str, str], ...] = (
     ("fig7", "Accuracy against sparsity (Fig. 7)", "the CDG-family rows; rows of one results folder that differ only in "
      "the target s (simclr_cdg_g4 and the simclr_cdg_g4_s* rows) are joined by a line."),
     ("fig8a", "eta per branch during pre-training (Fig. 8a)", "every row that logged it."),
-    ("fig8b", "eta after fine-tuning (Fig. 8b)", "rows with a fine-tuning result."),
+    ("fig8b", "eta during and after fine-tuning (Fig. 8b)", "rows with a fine-tuning result; the curve needs the fine-tuning log (`cdg finetune` logs finetune/eta)."),
     ("fig8c", "eta per gated layer (Fig. 8c)", "the GPU rows of CDG G = 2, 4, 8, CGNet_SimCLR and structured C_g = 4."),
 )
 PER_LAYER_ROWS = ("simclr_cdg_g2", "simclr_cdg_g4", "simclr_cdg_g8", "simclr_cgnet_g4", "simclr_cdg_g4_cg4")

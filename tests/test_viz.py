@@ -159,3 +159,20 @@ def test_plot_skips_missing_inputs_and_rejects_non_runs(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("cdg plot: error: ") and str(empty) in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_fig1_places_a_narrower_dense_run_at_its_real_saving():
+    """The equal-FLOPs control (a narrower dense network) sits at its MACs relative to the widest
+    dense network of its model, not at 1.0x."""
+    from cdg.config import config_from_dict
+    from cdg.metrics import mac_report
+    from pathlib import Path
+
+    from cdg.plots import RunData, _width_factors
+
+    wide, narrow = (config_from_dict({"model": {"width": w}}) for w in (0.25, 0.125))
+    runs = [RunData(Path("a"), "wide", wide, {}, []), RunData(Path("b"), "narrow", narrow, {}, [])]
+    f = _width_factors(runs)
+    assert f["wide"] == 1.0
+    assert f["narrow"] == pytest.approx(mac_report(wide).total_dense / mac_report(narrow).total_dense)
+    assert 3.0 < f["narrow"] < 4.2  # about (0.25 / 0.125)^2

@@ -245,7 +245,7 @@ def _short_path(p: Path) -> str:
 def _figure(plt, ncols: int, caption: str, panel_w: float = 5.0, panel_h: float = 3.6, legend_w: float = 0.0):
     """A figure of ``ncols`` panels with room below for the wrapped caption."""
     width = ncols * panel_w + legend_w
-    lines = textwrap.wrap(caption, int(width * 15))
+    lines = textwrap.wrap(caption, int((width - legend_w) * 15))  # under the panels, clear of an outside legend
     cap_h = 0.25 + len(lines) * _CAPTION_LINE_IN
     height = panel_h + cap_h
     fig, axes = plt.subplots(1, ncols, figsize=(width, height), dpi=DPI, squeeze=False)
@@ -304,6 +304,32 @@ def _linear_key(runs: list[RunData]) -> tuple[str, str] | None:
     return best if any(r.value(best[0]) is not None for r in runs) else None
 
 
+def _width_factors(runs: list[RunData]) -> dict[str, float]:
+    """Per run label: the dense MACs of the widest run of the same model, stem and dataset over the
+    run's own dense MACs (1.0 for runs at that width), so that a narrower dense network (the
+    equal-FLOPs control) sits at its real saving on a "reduction vs dense" axis."""
+    from cdg.metrics import mac_report
+
+    macs: dict[tuple, int] = {}
+
+    def dense_macs(c: Config) -> int:
+        key = (c.model.name, c.model.width, c.model.stem, c.data.dataset)
+        if key not in macs:
+            macs[key] = mac_report(c).total_dense
+        return macs[key]
+
+    family = lambda c: (c.model.name, c.model.stem, c.data.dataset)  # noqa: E731
+    widest: dict[tuple, Config] = {}
+    for r in runs:
+        if r.cfg is None:
+            continue
+        f = family(r.cfg)
+        if f not in widest or r.cfg.model.width > widest[f].model.width:
+            widest[f] = r.cfg
+    return {r.label: (1.0 if r.cfg is None or r.cfg.model.width == widest[family(r.cfg)].model.width
+                      else dense_macs(widest[family(r.cfg)]) / dense_macs(r.cfg)) for r in runs}
+
+
 # --- the figures ---------------------------------------------------------------------------
 
 def fig1_accuracy_vs_flops(plt, runs: list[RunData], path: Path, notes: list[str]) -> Drawn | None:
@@ -317,15 +343,20 @@ def fig1_accuracy_vs_flops(plt, runs: list[RunData], path: Path, notes: list[str
         return None
     shown = list({r.label: r for _, rs in panels for r in rs}.values())
     missing = [r.label for r in runs if r not in shown]
+    factor = _width_factors(shown)
+    narrow = [r.label for r in shown if factor[r.label] != 1.0]
     caption = ("Fig. 1 style: accuracy against the exact whole-network FLOPs reduction (dense = 1.0x; docs/design.md "
-               "§4), one point per run; colour = gating mode. " + protocol_caption(shown, [k[0] for k, _ in panels])
+               "§4), one point per run; colour = gating mode. "
+               + (f"Runs narrower than the widest run of their model are placed at their MACs relative to that "
+                  f"widest dense network ({', '.join(f'{n} {factor[n]:.2f}x' for n in narrow)}). " if narrow else "")
+               + protocol_caption(shown, [k[0] for k, _ in panels])
                + (f" Not shown (no accuracy or FLOPs reduction): {', '.join(missing)}." if missing else ""))
     fig, axes, bottom = _figure(plt, len(panels), caption, legend_w=2.6)
     style = _style(shown)
     for ax, ((key, ylabel), rs) in zip(axes, panels):
         for r in rs:
             c, m = style[r.label]
-            ax.scatter(r.flops_reduction(), 100 * r.value(key), color=c, marker=m, s=42, label=r.label,
+            ax.scatter(r.flops_reduction() * factor[r.label], 100 * r.value(key), color=c, marker=m, s=42, label=r.label,
                        edgecolors="white", linewidths=0.5, zorder=3)
         ax.axvline(1.0, color="gray", lw=0.8, ls=":", zorder=1)
         ax.set(xlabel="exact FLOPs reduction (x, vs dense)", ylabel=ylabel, title=f"{ylabel[:-4]} vs FLOPs saved")
@@ -486,8 +517,8 @@ def fig8a_eta_per_branch(plt, runs: list[RunData], path: Path, notes: list[str])
             if s:
                 ax.plot([e for e, _ in s], [100 * v for _, v in s], ls=ls, marker="o", ms=3, color=colors[r.label])
         ax.plot([], [], color=colors[r.label], label=f"{r.label}, {r.mode}")
-    ax.plot([], [], color="gray", ls="-", label="branch a1")
-    ax.plot([], [], color="gray", ls="--", label="branch a2")
+    ax.plot([], [], color="black", ls="-", label="branch a1")
+    ax.plot([], [], color="black", ls="--", label="branch a2")
     ax.set(xlabel="epoch", ylabel="eta, training (%)", title="eta per branch during pre-training")
     ax.grid(alpha=0.3)
     _legend(ax, outside=True)
