@@ -43,7 +43,7 @@ CALLS: Counter = Counter()
 TILE_BYTES = 24 * 1024
 #: the same for the cond kernel's block order (C_g a multiple of 8): longer lists of open positions
 #: per gate entry, so fewer partial register blocks (width-1 ResNet-18 layers, 42% open, AMD EPYC
-#: AVX2: 1.2-2.3x faster than 24 KiB, benchmarks/bench_sparse.py)
+#: AVX2, C_g = 16, conditional path alone: 1.3-2.2x faster than 24 KiB; C_g = 8 at 64 channels 0.86x, noise level)
 BLOCK_TILE_BYTES = 128 * 1024
 #: loop order of the cond kernel: 0 automatic, 1 channel-major, 2 position-major, 3 blocks (C_g a
 #: multiple of 8, with ``blocks`` given) (tests, tuning)
