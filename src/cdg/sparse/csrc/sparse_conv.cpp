@@ -325,38 +325,6 @@ struct CondArgs {
   bool positions;  // position-major order (cond_tile_positions)
 };
 
-inline void epilogue(const CondArgs& a, int64_t p0, int64_t p1) {
-  const int64_t co = a.g.co;
-  const float* __restrict sc = a.scale;
-  const float* __restrict bi = a.bias;
-  for (int64_t p = p0; p < p1; ++p) {
-    const float* __restrict ybp = a.yb + p * co;
-    float* __restrict op = a.out + p * co;
-    if (a.res != nullptr) {
-      const float* __restrict rp = a.res + p * co;
-      if (a.relu) {
-#pragma omp simd
-        for (int64_t c = 0; c < co; ++c) {
-          const float v = sc[c] * (ybp[c] + op[c]) + bi[c] + rp[c];
-          op[c] = v < 0.0f ? 0.0f : v;
-        }
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < co; ++c) op[c] = sc[c] * (ybp[c] + op[c]) + bi[c] + rp[c];
-      }
-    } else if (a.relu) {
-#pragma omp simd
-      for (int64_t c = 0; c < co; ++c) {
-        const float v = sc[c] * (ybp[c] + op[c]) + bi[c];
-        op[c] = v < 0.0f ? 0.0f : v;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < co; ++c) op[c] = sc[c] * (ybp[c] + op[c]) + bi[c];
-    }
-  }
-}
-
 struct TileBuffers {
   std::vector<float> rows;     // the padded input rows of the tile
   std::vector<int64_t> off;    // per position: offset of its patch in rows
@@ -414,8 +382,9 @@ inline int64_t open_channels(const float* __restrict ybp, const float* __restric
   return m;
 }
 
-// out row p = relu?(a * (Y_base + cond) + b + residual), cond from a buffer
-inline void epilogue_row(const CondArgs& a, int64_t p, const float* __restrict cv) {
+// out row p = relu?(a * (Y_base + cond) + b + residual); cond from a buffer, or out's own row (each
+// element is read before it is written, so cv may alias it: no __restrict on cv)
+inline void epilogue_row(const CondArgs& a, int64_t p, const float* cv) {
   const int64_t co = a.g.co;
   const float* __restrict sc = a.scale;
   const float* __restrict bi = a.bias;
@@ -441,6 +410,11 @@ inline void epilogue_row(const CondArgs& a, int64_t p, const float* __restrict c
 #pragma omp simd
     for (int64_t c = 0; c < co; ++c) op[c] = sc[c] * (ybp[c] + cv[c]) + bi[c];
   }
+}
+
+// the epilogue of positions [p0, p1) whose cond values are in out
+inline void epilogue(const CondArgs& a, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) epilogue_row(a, p, a.out + p * a.g.co);
 }
 
 // K dot products of one position's patch with the W_c rows of K output channels: one input vector
@@ -532,26 +506,23 @@ int64_t cond_tile_positions(const CondArgs& a, const Tile& tile, TileBuffers& b)
   return total;
 }
 
-int64_t cond_tile(const CondArgs& a, const Tile& tile, TileBuffers& b) {
+// The padded input rows of a tile and, per tile position, the offset of its patch in them (b.off).
+const float* tile_rows(const CondArgs& a, const Tile& tile, TileBuffers& b, int64_t* rs, int64_t* ss) {
   const Geom& g = a.g;
-  const int64_t per_sample = tile.rows() * g.wo;  // positions of one sample in the tile
-  const int64_t p0 = (tile.n0 * g.ho + tile.oh0) * g.wo, tp = (tile.n1 - tile.n0) * per_sample;
-  const int64_t ne = g.co / a.cg, seglen = 3 * g.ci;
-  int64_t t_prev = g_profile ? now_ns() : 0;
-  auto lap = [&](int i) {
-    if (!g_profile) return;
-    const int64_t t = now_ns();
-    g_phase_ns[i].fetch_add(t - t_prev);
-    t_prev = t;
-  };
-  int64_t rs = 0, ss = 0;
-  const float* rows = fill_rows(a.x, g, tile, b.rows, &rs, &ss);
-  b.off.resize(tp);
+  const float* rows = fill_rows(a.x, g, tile, b.rows, rs, ss);
+  b.off.resize((tile.n1 - tile.n0) * tile.rows() * g.wo);
   for (int64_t s = 0, q = 0; s < tile.n1 - tile.n0; ++s)
     for (int64_t r = 0; r < tile.rows(); ++r)
-      for (int64_t ow = 0; ow < g.wo; ++ow, ++q) b.off[q] = s * ss + r * g.s * rs + ow * g.s * g.ci;
-  lap(0);
-  // (2) the gate, position by position: a contiguous row of Y_base against the sample's thresholds
+      for (int64_t ow = 0; ow < g.wo; ++ow, ++q) b.off[q] = s * *ss + r * g.s * *rs + ow * g.s * g.ci;
+  return rows;
+}
+
+// The gate bytes of a tile, (position, entry) in b.open (and the mask output): position by position,
+// a contiguous row of Y_base against the sample's thresholds.
+void tile_gates(const CondArgs& a, const Tile& tile, TileBuffers& b) {
+  const Geom& g = a.g;
+  const int64_t per_sample = tile.rows() * g.wo, tp = (tile.n1 - tile.n0) * per_sample;
+  const int64_t p0 = (tile.n0 * g.ho + tile.oh0) * g.wo, ne = g.co / a.cg;
   b.open.resize(tp * ne);
   for (int64_t q = 0; q < tp; ++q) {
     const float* __restrict th = a.thr + (tile.n0 + q / per_sample) * ne;
@@ -565,6 +536,24 @@ int64_t cond_tile(const CondArgs& a, const Tile& tile, TileBuffers& b) {
     }
   }
   if (a.mask != nullptr) std::memcpy(a.mask + p0 * ne, b.open.data(), tp * ne);
+}
+
+int64_t cond_tile(const CondArgs& a, const Tile& tile, TileBuffers& b) {
+  const Geom& g = a.g;
+  const int64_t per_sample = tile.rows() * g.wo;  // positions of one sample in the tile
+  const int64_t p0 = (tile.n0 * g.ho + tile.oh0) * g.wo, tp = (tile.n1 - tile.n0) * per_sample;
+  const int64_t ne = g.co / a.cg, seglen = 3 * g.ci;
+  int64_t t_prev = g_profile ? now_ns() : 0;
+  auto lap = [&](int i) {
+    if (!g_profile) return;
+    const int64_t t = now_ns();
+    g_phase_ns[i].fetch_add(t - t_prev);
+    t_prev = t;
+  };
+  int64_t rs = 0, ss = 0;
+  const float* rows = tile_rows(a, tile, b, &rs, &ss);
+  lap(0);
+  tile_gates(a, tile, b);  // (2)
   std::memset(a.out + p0 * g.co, 0, tp * g.co * sizeof(float));
   lap(1);
   b.list.resize(tp);
@@ -655,21 +644,10 @@ int64_t cond_tile_blocks(const CondArgs& a, const Tile& tile, TileBuffers& b) {
   const int64_t p0 = (tile.n0 * g.ho + tile.oh0) * g.wo, tp = (tile.n1 - tile.n0) * per_sample;
   const int64_t ne = g.co / a.cg, nv = a.cg / 8, cog = g.co / a.groups, cig = g.ci / a.groups;
   int64_t rs = 0, ss = 0;
-  const float* rows = fill_rows(a.x, g, tile, b.rows, &rs, &ss);
-  b.off.resize(tp);
-  for (int64_t s = 0, q = 0; s < tile.n1 - tile.n0; ++s)
-    for (int64_t r = 0; r < tile.rows(); ++r)
-      for (int64_t ow = 0; ow < g.wo; ++ow, ++q) b.off[q] = s * ss + r * g.s * rs + ow * g.s * g.ci;
+  const float* rows = tile_rows(a, tile, b, &rs, &ss);
+  tile_gates(a, tile, b);
   int64_t toff[9];
   for (int t = 0; t < 9; ++t) toff[t] = (t / 3) * rs + (t % 3) * g.ci;
-  b.open.resize(tp * ne);
-  for (int64_t q = 0; q < tp; ++q) {
-    const float* __restrict th = a.thr + (tile.n0 + q / per_sample) * ne;
-    const float* __restrict ybp = a.yb + (p0 + q) * g.co;
-    uint8_t* __restrict oq = b.open.data() + q * ne;
-    for (int64_t e = 0; e < ne; ++e) oq[e] = salience(ybp + e * a.cg, a.cg) > th[e] ? 1 : 0;
-  }
-  if (a.mask != nullptr) std::memcpy(a.mask + p0 * ne, b.open.data(), tp * ne);
   b.list.resize(tp);
   int32_t* __restrict lst = b.list.data();
   float* out0 = a.out + p0 * g.co;
