@@ -42,8 +42,8 @@ CALLS: Counter = Counter()
 #: weights pass over the tile)
 TILE_BYTES = 24 * 1024
 #: the same for the cond kernel's block order (C_g a multiple of 8): longer lists of open positions
-#: per gate entry, so fewer partial register blocks (width-1 ResNet-18 layers, 42% open, AMD EPYC
-#: AVX2, C_g = 16, conditional path alone: 1.3-2.2x faster than 24 KiB; C_g = 8 at 64 channels 0.86x, noise level)
+#: per gate entry, so fewer partial register blocks (benchmarks/bench_cond_tiles.py, 42% open, G = 4,
+#: AMD EPYC AVX2: 1.16-1.98x faster than 24 KiB over width-1 ResNet-18 layer shapes, C_g = 8 and 16)
 BLOCK_TILE_BYTES = 128 * 1024
 #: loop order of the cond kernel: 0 automatic, 1 channel-major, 2 position-major, 3 blocks (C_g a
 #: multiple of 8, with ``blocks`` given) (tests, tuning)
