@@ -21,6 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
 
@@ -35,18 +36,23 @@ def instance_gate(required: bool = False) -> ModuleType | None:
 
     With ``required`` a failed build raises a RuntimeError that says why, instead of warning.
     """
-    if "module" not in _state:
-        _state["module"], _state["error"] = _build()
-        if _state["module"] is None and not required:
-            warnings.warn(f"cdg: the C++ gate kernel could not be built ({_state['error']}); the gate runs in "
-                          "PyTorch (same values, slower). gating.gate_kernel=torch silences this.", stacklevel=3)
-    if _state["module"] is None and required:
-        raise RuntimeError(f"gate_kernel='cpp': the C++ gate kernel could not be built: {_state['error']}")
-    return _state["module"]  # type: ignore[return-value]
+    return load_once(_state, lambda: build_extension("cdg_instance_gate", SOURCE), required,
+                     "cdg: the C++ gate kernel could not be built ({error}); the gate runs in PyTorch (same values, "
+                     "slower). gating.gate_kernel=torch silences this.",
+                     "gate_kernel='cpp': the C++ gate kernel could not be built: {error}")
 
 
-def _build() -> tuple[ModuleType | None, str | None]:
-    return build_extension("cdg_instance_gate", SOURCE)
+def load_once(state: dict, build: Callable[[], tuple[ModuleType | None, str | None]], required: bool,
+              warning: str, error: str) -> ModuleType | None:
+    """``build()`` once per process, cached in ``state``; where it failed, warn (``warning``) once or,
+    with ``required``, raise a RuntimeError (``error``); both formatted with ``{error}`` = why."""
+    if "module" not in state:
+        state["module"], state["error"] = build()
+        if state["module"] is None and not required:
+            warnings.warn(warning.format(error=state["error"]), stacklevel=4)
+    if state["module"] is None and required:
+        raise RuntimeError(error.format(error=state["error"]))
+    return state["module"]
 
 
 def build_extension(name: str, source: Path, extra_cflags: list[str] | None = None) -> tuple[ModuleType | None, str | None]:

@@ -24,7 +24,6 @@ kernel itself: :func:`kernel_calls`), so a test can tell which one ran.
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cdg.nn.gate_kernel import build_extension
+from cdg.nn.gate_kernel import build_extension, load_once
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_conv.cpp"
 #: how many times each form ran in this process: cpp_base, cpp_thresholds, cpp_cond, cpp_combine, torch_base, ...
@@ -56,19 +55,11 @@ def extension(required: bool = False) -> ModuleType | None:
     """The compiled kernel module, or None where it cannot be built (a warning says why, once).
 
     With ``required`` a failed build raises a RuntimeError that says why."""
-    if "module" not in _state:
-        _state["module"], _state["error"] = _build()
-        if _state["module"] is None and not required:
-            warnings.warn(f"cdg.sparse: the C++ sparse-conv kernel could not be built ({_state['error']}); sparse "
-                          "inference runs in PyTorch (same values, no speed-up)", stacklevel=3)
-    if _state["module"] is None and required:
-        raise RuntimeError(f"kernel='cpp': the C++ sparse-conv kernel could not be built: {_state['error']}")
-    return _state["module"]  # type: ignore[return-value]
-
-
-def _build() -> tuple[ModuleType | None, str | None]:
     # -ffp-contract=fast: a * b + c on vectors becomes one FMA (ISO C++ mode turns contraction off)
-    return build_extension("cdg_sparse_conv", SOURCE, ["-ffp-contract=fast"])
+    return load_once(_state, lambda: build_extension("cdg_sparse_conv", SOURCE, ["-ffp-contract=fast"]), required,
+                     "cdg.sparse: the C++ sparse-conv kernel could not be built ({error}); sparse inference runs in "
+                     "PyTorch (same values, no speed-up)",
+                     "kernel='cpp': the C++ sparse-conv kernel could not be built: {error}")
 
 
 def kernel_calls() -> dict[str, int]:
