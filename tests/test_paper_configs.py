@@ -39,3 +39,36 @@ def test_paper_config_runs_a_few_steps(path, tmp_path):
     cfg = load_config(path, over)
     values = pretrain(cfg, tmp_path / "run")
     assert values["pretrain_epochs"] == 1
+
+
+def _cpu_results():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cpu_results", ROOT / "scripts" / "cpu_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_cpu_results_row_is_a_valid_config():
+    """A row whose overrides the validation rejects (e.g. a C_g that does not divide C/G at the
+    recipe's width) would only fail hours into `cpu_results.py run`; catch it here."""
+    cr = _cpu_results()
+    assert cr.ROWS
+    for name, (_, _, overrides) in cr.ROWS.items():
+        cfg = load_config(ROOT / cr.BASE, cr.RECIPE + overrides)
+        assert cfg.trainer.max_epochs == 4, name
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "cpu").glob("*.yaml")), ids=lambda p: p.stem)
+def test_cpu_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.model.width in (0.25, 1.0)
+
+
+def test_structured_rows_at_recipe_width_are_rejected_with_the_reason():
+    from cdg.config import ConfigError
+
+    cr = _cpu_results()
+    with pytest.raises(ConfigError, match=r"16 is not divisible by gating.groups=4 x gating.group_size=8"):
+        load_config(ROOT / cr.BASE, cr.RECIPE + ["gating.mode=dual", "gating.groups=4", "gating.group_size=8"])
