@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,9 @@ def test_paper_config_runs_a_few_steps(path, tmp_path):
     assert values["pretrain_epochs"] == 1
 
 
+@functools.cache
 def _cpu_results():
+    """scripts/cpu_results.py as a module, loaded once for the tests that read its ROWS."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("cpu_results", ROOT / "scripts" / "cpu_results.py")
