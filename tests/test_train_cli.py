@@ -10,7 +10,7 @@ import torch
 from cdg.cli import main
 from cdg.config import load_config
 from cdg.export import read_backbone_file
-from cdg.runs import read_log
+from cdg.runs import code_version, read_log
 from cdg.train import pretrain
 
 TINY = ["model.width=0.125", "data.batch_size=32", "data.train_images=256", "trainer.max_epochs=1",
@@ -55,6 +55,8 @@ def test_cli_pretrain_eval_report_resume(cifar10_root, tmp_path, capsys, monkeyp
     m = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= m["knn_top1"] <= 1.0 and 0.0 <= m["eta"] <= 1.0
     assert m["protocol"]["knn_top1"]["dataset"] == "cifar10" and m["protocol"]["knn_top1"]["width"] == 0.125
+    # every number names the code that produced it, training and evaluation alike
+    assert m["protocol"]["knn_top1"]["code"] == m["protocol"]["pretrain_wall_s"]["code"] == code_version()
     assert m["flops_reduction_exact"] > 1.0 and m["flops_reduction_eq13"] > 1.0
     # eta and the FLOPs reductions keep the protocol of the pass that measured them, not the kNN's
     assert m["protocol"]["eta"]["protocol"].startswith("gate statistics of the evaluation forward pass")
@@ -204,3 +206,15 @@ def test_runtime_environment_of_the_cdg_command(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe], env={**env, **RUNTIME_ENV, "OMP_WAIT_POLICY": "ACTIVE"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "'OMP_WAIT_POLICY': 'ACTIVE'" in done.stdout
+
+
+def test_code_version_names_the_package_and_its_commit():
+    from pathlib import Path
+
+    from cdg import __version__
+
+    v = code_version()
+    assert v.startswith(f"cdg {__version__}")
+    src = Path(__import__("cdg").__file__).resolve().parent.parent
+    if (src.parent / ".git").exists():  # a git checkout (the tests run from one): the commit too
+        assert "(git " in v and len(v.split("(git ")[1].rstrip(")").removesuffix("+dirty")) == 12

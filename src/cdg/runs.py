@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +98,34 @@ def _step(row: dict[str, str]) -> int:
         return -1
 
 
+@functools.cache
+def code_version() -> str:
+    """Which code produced a number: ``cdg <version>``, plus the git commit when the package is
+    imported from a git checkout (``+dirty`` when its ``src/`` differs from that commit)."""
+    from cdg import __version__
+
+    version = f"cdg {__version__}"
+    src = Path(__file__).resolve().parent.parent
+    try:
+        def git(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=10)
+
+        head = git("rev-parse", "--short=12", "HEAD")
+        if head.returncode != 0:  # an installed wheel, or no git: the version alone
+            return version
+        dirty = git("diff", "--quiet", "HEAD", "--", str(src)).returncode == 1
+        return f"{version} (git {head.stdout.strip()}{'+dirty' if dirty else ''})"
+    except (OSError, subprocess.SubprocessError):
+        return version
+
+
 def base_protocol(cfg: Config, **extra: Any) -> dict[str, Any]:
-    """The facts every reported number carries: dataset, model, width, gating, method, seed."""
+    """The facts every reported number carries: dataset, model, width, gating, method, seed, and
+    the code that produced it (:func:`code_version`)."""
     gating = get_gating_mode(cfg.gating.mode).label(cfg.gating)
     return {
         "dataset": cfg.data.dataset, "model": cfg.model.name, "width": cfg.model.width, "method": cfg.method.name,
-        "gating": gating, "seed": cfg.trainer.seed, **extra,
+        "gating": gating, "seed": cfg.trainer.seed, "code": code_version(), **extra,
     }
 
 
