@@ -56,9 +56,13 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "simclr_cdg_g4_s0": ("F7", "SimCLR + CDG, G=4, target s=0.0", ["gating.mode=dual", "gating.groups=4", "gating.target=0.0"]),
     "simclr_cdg_g4_s05": ("F7", "SimCLR + CDG, G=4, target s=0.5", ["gating.mode=dual", "gating.groups=4", "gating.target=0.5"]),
     "simclr_cdg_g4_s15": ("F7", "SimCLR + CDG, G=4, target s=1.5", ["gating.mode=dual", "gating.groups=4", "gating.target=1.5"]),
-    "simclr_fbs": ("T6", "SimCLR + FBS (keep 0.5 of output channels)", ["gating.mode=fbs", "gating.keep_ratio=0.5"]),
-    "simclr_fbs_scalefree": ("T6", "SimCLR + FBS, predictor on the RMS-normalised pooled input (not the design §5 form: see findings)", ["gating.mode=fbs", "gating.keep_ratio=0.5", "gating.scale_free_saliency=true"]),
-    "simclr_dgc": ("T6", "SimCLR + DGC (4 heads, keep 0.45 of input channels)", ["gating.mode=dgc", "gating.groups=4", "gating.keep_ratio=0.45"]),
+    # FBS and DGC as their official code builds them (gating.baseline_form=official, the default) ...
+    "simclr_fbs": ("T6", "SimCLR + FBS, official form (keep 0.5 of output channels)", ["gating.mode=fbs", "gating.keep_ratio=0.5", "gating.baseline_form=official"]),
+    "simclr_dgc": ("T6", "SimCLR + DGC, official form (4 heads, keep 0.45 of input channels)", ["gating.mode=dgc", "gating.groups=4", "gating.keep_ratio=0.45", "gating.baseline_form=official"]),
+    # ... and the earlier v1 form (design §5 as first read; see findings), kept for comparison
+    "simclr_fbs_v1": ("T6", "SimCLR + FBS, v1 form (keep 0.5 of output channels)", ["gating.mode=fbs", "gating.keep_ratio=0.5", "gating.baseline_form=v1"]),
+    "simclr_fbs_scalefree": ("T6", "SimCLR + FBS, v1 form, predictor on the RMS-normalised pooled input (see findings)", ["gating.mode=fbs", "gating.keep_ratio=0.5", "gating.baseline_form=v1", "gating.scale_free_saliency=true"]),
+    "simclr_dgc_v1": ("T6", "SimCLR + DGC, v1 form (4 heads, keep 0.45 of input channels)", ["gating.mode=dgc", "gating.groups=4", "gating.keep_ratio=0.45", "gating.baseline_form=v1"]),
     "mocov2_dense": ("T7", "MoCo V2+ dense", ["method.name=mocov2", "optim.name=sgd", "optim.lr=0.3", "optim.weight_decay=1e-4", "method.queue_size=32768"]),
     "mocov2_cdg_g4": ("T7", "MoCo V2+ + CDG, G=4", ["method.name=mocov2", "optim.name=sgd", "optim.lr=0.3", "optim.weight_decay=1e-4", "method.queue_size=32768", "gating.mode=dual", "gating.groups=4"]),
     "simsiam_dense": ("T7", "SimSiam dense", ["method.name=simsiam", "optim.name=sgd", "optim.lr=0.5", "optim.weight_decay=1e-5", "method.proj_output_dim=2048", "model.zero_init_residual=true"]),

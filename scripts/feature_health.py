@@ -2,7 +2,7 @@
 and (``--trace``) the largest activation at every gated layer for one overflowing and one ordinary
 image: the check behind docs/results.md's FBS/DGC findings.
 
-    python scripts/feature_health.py --run results/gpu/simclr_fbs [--split test] [--trace]
+    python scripts/feature_health.py --run results/gpu/simclr_fbs_v1 [--split test] [--trace]
 """
 
 from __future__ import annotations

@@ -63,6 +63,22 @@ def test_every_cpu_results_row_is_a_valid_config():
         assert cfg.trainer.max_epochs == 4, name
 
 
+def test_archived_rows_match_their_row_definition():
+    """An archived row (results/{cpu,gpu}/ROW) was trained with what ROWS says of ROW: e.g. an FBS
+    row of the v1 form must not sit under the name of the official one."""
+    cr = _cpu_results()
+    archived = [d for host in ("cpu", "gpu") for d in sorted((ROOT / "results" / host).glob("*"))
+                if (d / "config.yaml").is_file()]
+    assert archived
+    for d in archived:
+        assert d.name in cr.ROWS, f"{d} is not a row of scripts/cpu_results.py"
+        row, defined = load_config(d / "config.yaml"), load_config(ROOT / cr.BASE, cr.RECIPE + cr.ROWS[d.name][2])
+        for key in (o.split("=", 1)[0] for o in cr.ROWS[d.name][2]):
+            section, name = key.split(".", 1)
+            got, want = getattr(getattr(row, section), name), getattr(getattr(defined, section), name)
+            assert got == want, f"{d}: {key} is {got!r}, row {d.name} defines {want!r}"
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "cpu").glob("*.yaml")), ids=lambda p: p.stem)
 def test_cpu_configs_load(path):
     cfg = load_config(path)
