@@ -74,6 +74,8 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
 }
 # seeds 1 and 2 of the rows whose differences the findings weigh (seed 0 is the row itself)
 SEEDED = ("simclr_dense", "simclr_cdg_g4", "simclr_cgnet_g4")
+#: the differences the findings weigh: CDG against dense, and C3 (disjoint against one shared base path)
+PAIRED = (("simclr_cdg_g4", "simclr_dense"), ("simclr_cdg_g4", "simclr_cgnet_g4"))
 for _row in SEEDED:
     for _seed in (1, 2):
         _shape, _desc, _over = ROWS[_row]
@@ -208,6 +210,16 @@ def _seeds_table(results: Path) -> list[str]:
             sd = f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else ""
             cells.append(f"{statistics.mean(v):.2f}%{sd} ({min(v):.2f}-{max(v):.2f})" if v else "-")
         lines.append(f"| {ROWS[row][1]} | {len(ms)} of 3 | {cells[0]} | {cells[1]} |")
+    lines += ["", "Differences between rows, paired by seed (seed 0 of one row against seed 0 of the other, and so on):", "",
+              "| difference | seeds in both | linear probe, per seed | mean | kNN, per seed | mean |", "|---|---|---|---|---|---|"]
+    for a, b in PAIRED:
+        seeds = [(ma, mb) for suffix in ("", "_seed1", "_seed2")
+                 if (ma := metrics(a + suffix, results)) and (mb := metrics(b + suffix, results))]
+        cells = []
+        for key in ("linear_top1", "knn_top1"):
+            d = [100 * (ma[key] - mb[key]) for ma, mb in seeds if ma.get(key) is not None and mb.get(key) is not None]
+            cells += [", ".join(f"{x:+.2f}" for x in d) or "-", f"{statistics.mean(d):+.2f}" if d else "-"]
+        lines.append(f"| {a} - {b} | {len(seeds)} | {' | '.join(cells)} |")
     return lines
 
 
