@@ -226,7 +226,7 @@ def _seeds_table(results: Path) -> list[str]:
 #: the figures of docs/results.md: cdg.plots name, title, what it shows
 FIGURE_TEXT: tuple[tuple[str, str, str], ...] = (
     ("fig1", "Accuracy against FLOPs (Fig. 1 style)", "every row with an accuracy; linear probe left, kNN right "
-     "(FBS and DGC appear under kNN only: their linear probe has no valid result)."),
+     "(the v1 FBS and DGC rows appear under kNN only: their linear probe has no valid result)."),
     ("fig3", "Dual against unified gating (Fig. 3)", "rows that differ only in gating.mode; a row without a training "
      "log appears in the accuracy panel only (the caption names it)."),
     ("fig4", "Mask similarity S_c over training (Fig. 4)", "every row that logged it (the training monitor, every 2 epochs)."),
@@ -325,8 +325,8 @@ def report() -> None:
         "An AVX2-only AMD EPYC without native bf16, one thread per row, with one to three other jobs sharing",
         "the 2 cores, so these wall times are rough. Rows with a `backbone.pt` in their folder keep their trained",
         "weights in float16 (`scripts/cpu_results.py promote`): `cdg linear|knn|finetune|visualize --run results/cpu/ROW`",
-        "re-evaluates them without re-training. FBS rows marked `baseline_form: v1` in their config.yaml were trained",
-        "before FBS/DGC were rebuilt in their official form (see the findings below).",
+        "re-evaluates them without re-training. The `_v1` FBS and DGC rows (`baseline_form: v1` in their config.yaml) were",
+        "trained before FBS/DGC were rebuilt in their official form (see the findings below).",
         "",
         *_table(cpu),
         "",
