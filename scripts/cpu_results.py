@@ -74,12 +74,13 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
 }
 # seeds 1 and 2 of the rows whose differences the findings weigh (seed 0 is the row itself)
 SEEDED = ("simclr_dense", "simclr_cdg_g4", "simclr_cgnet_g4")
+SEED_SUFFIXES = ("", "_seed1", "_seed2")  # the row names of seeds 0, 1, 2
 #: the differences the findings weigh: CDG against dense, and C3 (disjoint against one shared base path)
 PAIRED = (("simclr_cdg_g4", "simclr_dense"), ("simclr_cdg_g4", "simclr_cgnet_g4"))
 for _row in SEEDED:
-    for _seed in (1, 2):
+    for _seed, _suffix in enumerate(SEED_SUFFIXES[1:], start=1):
         _shape, _desc, _over = ROWS[_row]
-        ROWS[f"{_row}_seed{_seed}"] = ("seeds", f"{_desc}, seed {_seed}", [*_over, f"trainer.seed={_seed}"])
+        ROWS[_row + _suffix] = ("seeds", f"{_desc}, seed {_seed}", [*_over, f"trainer.seed={_seed}"])
 
 
 def cdg(*args: str) -> None:
@@ -203,7 +204,7 @@ def _seeds_table(results: Path) -> list[str]:
     lines = ["| row | seeds run | linear probe top-1, mean ± sd (min-max) | kNN top-1, mean ± sd (min-max) |",
              "|---|---|---|---|"]
     for row in SEEDED:
-        ms = [m for r in (row, f"{row}_seed1", f"{row}_seed2") if (m := metrics(r, results))]
+        ms = [m for suffix in SEED_SUFFIXES if (m := metrics(row + suffix, results))]
         cells = []
         for key in ("linear_top1", "knn_top1"):
             v = [100 * m[key] for m in ms if m.get(key) is not None]
@@ -213,7 +214,7 @@ def _seeds_table(results: Path) -> list[str]:
     lines += ["", "Differences between rows, paired by seed (seed 0 of one row against seed 0 of the other, and so on):", "",
               "| difference | seeds in both | linear probe, per seed | mean | kNN, per seed | mean |", "|---|---|---|---|---|---|"]
     for a, b in PAIRED:
-        seeds = [(ma, mb) for suffix in ("", "_seed1", "_seed2")
+        seeds = [(ma, mb) for suffix in SEED_SUFFIXES
                  if (ma := metrics(a + suffix, results)) and (mb := metrics(b + suffix, results))]
         cells = []
         for key in ("linear_top1", "knn_top1"):

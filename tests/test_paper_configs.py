@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cdg.config import load_config
+from cdg.config import flatten, load_config, parse_override
 from cdg.train import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,11 +72,10 @@ def test_archived_rows_match_their_row_definition():
     assert archived
     for d in archived:
         assert d.name in cr.ROWS, f"{d} is not a row of scripts/cpu_results.py"
-        row, defined = load_config(d / "config.yaml"), load_config(ROOT / cr.BASE, cr.RECIPE + cr.ROWS[d.name][2])
-        for key in (o.split("=", 1)[0] for o in cr.ROWS[d.name][2]):
-            section, name = key.split(".", 1)
-            got, want = getattr(getattr(row, section), name), getattr(getattr(defined, section), name)
-            assert got == want, f"{d}: {key} is {got!r}, row {d.name} defines {want!r}"
+        overrides = cr.ROWS[d.name][2]
+        row, defined = flatten(load_config(d / "config.yaml")), flatten(load_config(ROOT / cr.BASE, cr.RECIPE + overrides))
+        for key in (parse_override(o)[0] for o in overrides):
+            assert row[key] == defined[key], f"{d}: {key} is {row[key]!r}, row {d.name} defines {defined[key]!r}"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "cpu").glob("*.yaml")), ids=lambda p: p.stem)

@@ -101,22 +101,22 @@ def _step(row: dict[str, str]) -> int:
 @functools.cache
 def code_version() -> str:
     """Which code produced a number: ``cdg <version>``, plus the git commit when the package is
-    imported from a git checkout (``+dirty`` when its ``src/`` differs from that commit)."""
+    imported from a git checkout of this repository (``src/cdg``), ``+dirty`` when its ``src/``
+    differs from that commit. An installed copy (site-packages) gives the version alone."""
     from cdg import __version__
 
     version = f"cdg {__version__}"
     src = Path(__file__).resolve().parent.parent
-    try:
-        def git(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=10)
-
-        head = git("rev-parse", "--short=12", "HEAD")
-        if head.returncode != 0:  # an installed wheel, or no git: the version alone
-            return version
-        dirty = git("diff", "--quiet", "HEAD", "--", str(src)).returncode == 1
-        return f"{version} (git {head.stdout.strip()}{'+dirty' if dirty else ''})"
-    except (OSError, subprocess.SubprocessError):
+    if not (src.parent / ".git").exists():
         return version
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(src), "diff", "--quiet", "HEAD", "--", str(src)],
+                               capture_output=True, timeout=10).returncode == 1
+    except (OSError, subprocess.SubprocessError):  # no git program
+        return version
+    return f"{version} (git {head.stdout.strip()}{'+dirty' if dirty else ''})" if head.returncode == 0 else version
 
 
 def base_protocol(cfg: Config, **extra: Any) -> dict[str, Any]:
