@@ -143,6 +143,34 @@ def test_plot_figures_from_run_directories(runs, tmp_path, capsys):
         assert img.shape[:2] == (drawn.height_px, drawn.width_px)
 
 
+def test_fig1_legend_of_many_runs_stays_inside_the_figure(runs, tmp_path, monkeypatch):
+    """40 runs: the outside legend takes more columns and the figure widens, so no entry falls off its edge."""
+    import cdg.plots as plots
+
+    _add_eval_metrics(runs["dual"], 0.31, 0.55)
+    dirs = []
+    for i in range(40):
+        d = tmp_path / "runs" / f"a_run_with_a_long_name_{i:02d}"
+        d.mkdir(parents=True)
+        shutil.copy(runs["dual"] / "metrics.json", d / "metrics.json")
+        dirs.append(d)
+    boxes, save = [], plots._save
+
+    def spy(plt, fig, rect_bottom, path):
+        fig.tight_layout(rect=(0, rect_bottom, 1, 1))
+        fig.canvas.draw()
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        boxes.extend((leg.get_window_extent(fig.canvas.get_renderer()), fig.bbox) for leg in legends)
+        return save(plt, fig, rect_bottom, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    result = plot_runs(dirs, tmp_path / "p", figures=["fig1"])
+    assert "fig1" in result.drawn and len(boxes) == 1
+    legend, figure = boxes[0]
+    assert figure.x0 <= legend.x0 and legend.x1 <= figure.x1 + 1, (legend, figure)
+    assert figure.y0 <= legend.y0 and legend.y1 <= figure.y1 + 1, (legend, figure)
+
+
 def test_plot_skips_missing_inputs_and_rejects_non_runs(runs, tmp_path, capsys):
     only_metrics = tmp_path / "only_metrics"
     only_metrics.mkdir()

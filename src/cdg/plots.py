@@ -273,9 +273,24 @@ def _save(plt, fig, rect_bottom: float, path: Path) -> Drawn:
     return Drawn(path, panels, width, height)
 
 
+#: the width of one more outside-legend column, in inches
+_LEGEND_COL_IN = 2.4
+#: the height of one legend entry, in multiples of the font size (marker row plus spacing)
+_LEGEND_ROW_EM = 2.1
+
+
 def _legend(ax, fontsize: int = 7, outside: bool = False, **kw) -> None:
+    """A legend inside ``ax``, or to its right (``outside``) in as many columns as the figure's height needs;
+    each column beyond the first widens the figure by ``_LEGEND_COL_IN`` so that no entry falls off its edge."""
     if outside:
-        ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kw)
+        fig = ax.figure
+        width, height = fig.get_size_inches()
+        rows = max(1, int(height * 72 / (fontsize * _LEGEND_ROW_EM)) - 2)  # less the title and the frame
+        ncol = -(-len(ax.get_legend_handles_labels()[1]) // rows)
+        if ncol > 1:
+            fig.set_size_inches(width + (ncol - 1) * _LEGEND_COL_IN, height)
+        ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                  ncol=max(ncol, 1), **kw)
     else:
         ax.legend(fontsize=fontsize, **kw)
 
