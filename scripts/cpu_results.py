@@ -120,28 +120,42 @@ def run(rows: list[str], jobs: int = 1) -> None:
     for row in rows:
         out = RESULTS / row
         m = metrics(row)
-        finished = "linear_top1" in m and "knn_top1" in m  # evaluated rows whose weights were not kept
+        finished = _evaluated(m)  # evaluated rows whose weights were not kept
         if not finished and not (out / "backbone.pt").is_file():
             if (out / "checkpoints" / "last.ckpt").is_file():
                 cdg("pretrain", "--resume", "--out", str(out))
             else:  # a new row, or one that stopped before its first checkpoint (pretrain starts it over)
                 cdg("pretrain", "--config", BASE, "--out", str(out), *RECIPE, *ROWS[row][2])
             m = metrics(row)
-        if m.get("eval_error"):
-            print(f"{row}: {m['eval_error']}", flush=True)
-            continue
-        if "linear_top1" not in m:
-            cdg("linear", "--fast", "--run", str(out))
+        if "linear_top1" not in m and not _nonfinite(m):
+            try:
+                cdg("linear", "--fast", "--run", str(out))
+            except subprocess.CalledProcessError:  # refused for inf/NaN features? kNN counts them as wrong
+                cdg("knn", "--count-nonfinite", "--run", str(out))
+                if not _nonfinite(metrics(row)):
+                    raise
+                print(f"{row}: no linear probe: the backbone gives non-finite features in eval mode; the kNN "
+                      "leaves them out of its memory and scores them wrong", flush=True)
         if row == "simclr_dense" and "linear_top1_random_init" not in metrics(row):
             cdg("linear", "--fast", "--random-init", "--run", str(out))
         if "knn_top1" not in metrics(row):
             cdg("knn", "--run", str(out))
 
 
+def _nonfinite(m: dict) -> bool:
+    """Did ``cdg knn --count-nonfinite`` find images with inf/NaN features (no linear probe is possible)?"""
+    return m.get("knn_nonfinite_train", 0) + m.get("knn_nonfinite_test", 0) > 0
+
+
+def _evaluated(m: dict) -> bool:
+    """A row's evaluations are done: kNN, and the linear probe unless its features are non-finite."""
+    return "knn_top1" in m and ("linear_top1" in m or _nonfinite(m))
+
+
 def promote(rows: list[str], dest: Path) -> None:
     """Copy finished rows of ``RESULTS`` (e.g. ``runs/evidence``) into ``dest`` (``results/cpu``), the
-    folder docs/results.md is generated from: config.yaml, metrics.json, the CSV logs (pre-training,
-    and fine-tuning where it ran), the row's console log and the backbone in float16 (about 1.4 MB at width 0.25), so that any evaluation can
+    folder docs/results.md is generated from: config.yaml, metrics.json, the CSV logs (pre-training
+    with a resumed run's earlier attempts, and fine-tuning where it ran), the row's console log and the backbone in float16 (about 1.4 MB at width 0.25), so that any evaluation can
     be re-run on the archived row (``cdg linear --run results/cpu/ROW``) without re-training.
     A row already in ``dest`` is replaced (git keeps the old one)."""
     import shutil
@@ -155,14 +169,18 @@ def promote(rows: list[str], dest: Path) -> None:
         sys.exit(f"promote: --results is already {dest}")
     for row in rows:
         src, m = RESULTS / row, metrics(row)
-        if row not in ROWS or "linear_top1" not in m or "knn_top1" not in m or not (src / "backbone.pt").is_file():
-            sys.exit(f"promote: {src} is not a finished row (needs backbone.pt and the linear and kNN results)")
+        if row not in ROWS or not _evaluated(m) or not (src / "backbone.pt").is_file():
+            sys.exit(f"promote: {src} is not a finished row (needs backbone.pt, the kNN result and the linear "
+                     "probe's, or non-finite features counted by the kNN)")
         out = dest / row
         if out.exists():
             shutil.rmtree(out)
         (out / "logs").mkdir(parents=True)
         for name in ("config.yaml", "metrics.json", "logs/metrics.csv"):
             shutil.copy2(src / name, out / name)
+        for log in [*(src / "logs").glob("metrics.attempt-*.csv"), src / "logs" / "attempts.json"]:
+            if log.is_file():  # the logs of a resumed run's earlier attempts (cdg.runs.read_log joins them)
+                shutil.copy2(log, out / "logs" / log.name)
         if (src / "finetune" / "logs" / "metrics.csv").is_file():  # eta during fine-tuning (Fig. 8b)
             (out / "finetune" / "logs").mkdir(parents=True)
             shutil.copy2(src / "finetune" / "logs" / "metrics.csv", out / "finetune" / "logs" / "metrics.csv")
@@ -227,7 +245,8 @@ def _seeds_table(results: Path) -> list[str]:
 #: the figures of docs/results.md: cdg.plots name, title, what it shows
 FIGURE_TEXT: tuple[tuple[str, str, str], ...] = (
     ("fig1", "Accuracy against FLOPs (Fig. 1 style)", "every row with an accuracy; linear probe left, kNN right "
-     "(the v1 FBS and DGC rows appear under kNN only: their linear probe has no valid result)."),
+     "(the v1 FBS and DGC rows and the official DGC row appear under kNN only: their eval features are not all finite, "
+     "so their linear probe has no valid result)."),
     ("fig3", "Dual against unified gating (Fig. 3)", "rows that differ only in gating.mode; a row without a training "
      "log appears in the accuracy panel only (the caption names it)."),
     ("fig4", "Mask similarity S_c over training (Fig. 4)", "every row that logged it (the training monitor, every 2 epochs)."),
