@@ -175,12 +175,10 @@ def promote(rows: list[str], dest: Path) -> None:
         out = dest / row
         if out.exists():
             shutil.rmtree(out)
-        (out / "logs").mkdir(parents=True)
-        for name in ("config.yaml", "metrics.json", "logs/metrics.csv"):
+        # the whole logs folder: a resumed run's earlier attempts too, which cdg.runs.read_log joins
+        shutil.copytree(src / "logs", out / "logs")
+        for name in ("config.yaml", "metrics.json"):
             shutil.copy2(src / name, out / name)
-        for log in [*(src / "logs").glob("metrics.attempt-*.csv"), src / "logs" / "attempts.json"]:
-            if log.is_file():  # the logs of a resumed run's earlier attempts (cdg.runs.read_log joins them)
-                shutil.copy2(log, out / "logs" / log.name)
         if (src / "finetune" / "logs" / "metrics.csv").is_file():  # eta during fine-tuning (Fig. 8b)
             (out / "finetune" / "logs").mkdir(parents=True)
             shutil.copy2(src / "finetune" / "logs" / "metrics.csv", out / "finetune" / "logs" / "metrics.csv")
