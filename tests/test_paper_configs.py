@@ -90,3 +90,43 @@ def test_structured_rows_at_recipe_width_are_rejected_with_the_reason():
     cr = _cpu_results()
     with pytest.raises(ConfigError, match=r"16 is not divisible by gating.groups=4 x gating.group_size=8"):
         load_config(ROOT / cr.BASE, cr.RECIPE + ["gating.mode=dual", "gating.groups=4", "gating.group_size=8"])
+
+
+def test_promote_archives_a_resumed_row_whole_and_refuses_an_unfinished_one(tmp_path):
+    """`cpu_results.py promote` on a row that was resumed once and has no linear probe (DGC's
+    non-finite features): every log attempt and attempts.json arrive byte for byte, with the
+    metrics, config and console log, and the float16 backbone loads to the same weights. A row
+    without its kNN result is refused by name."""
+    import json
+    import shutil
+
+    import torch
+
+    from cdg.runs import load_run
+
+    cr = _cpu_results()
+    archived = ROOT / "results" / "cpu" / "simclr_dgc"
+    src, dest = tmp_path / "runs", tmp_path / "archive"
+    shutil.copytree(archived, src / "simclr_dgc")
+    (src / "simclr_dgc.log").write_text("console of the row\n")
+    cr.RESULTS = src
+    cr.promote(["simclr_dgc"], dest)
+
+    out = dest / "simclr_dgc"
+    logs = sorted(p.name for p in (archived / "logs").iterdir())
+    assert "attempts.json" in logs and len([n for n in logs if n.startswith("metrics.")]) >= 2
+    for name in logs:
+        assert (out / "logs" / name).read_bytes() == (archived / "logs" / name).read_bytes(), name
+    for name in ("config.yaml", "metrics.json"):
+        assert (out / name).read_bytes() == (archived / name).read_bytes(), name
+    assert (dest / "simclr_dgc.log").read_text() == "console of the row\n"
+    (_, before), (_, after) = load_run(archived), load_run(out)
+    for (key, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key  # float16 in, float16 out: no rounding on the way
+
+    unfinished = src / "simclr_dgc"
+    m = json.loads((unfinished / "metrics.json").read_text())
+    del m["knn_top1"]
+    (unfinished / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(SystemExit, match="simclr_dgc is not a finished row"):
+        cr.promote(["simclr_dgc"], dest)
