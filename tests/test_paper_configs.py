@@ -92,7 +92,7 @@ def test_structured_rows_at_recipe_width_are_rejected_with_the_reason():
         load_config(ROOT / cr.BASE, cr.RECIPE + ["gating.mode=dual", "gating.groups=4", "gating.group_size=8"])
 
 
-def test_promote_archives_a_resumed_row_whole_and_refuses_an_unfinished_one(tmp_path):
+def test_promote_archives_a_resumed_row_whole_and_refuses_an_unfinished_one(tmp_path, monkeypatch):
     """`cpu_results.py promote` on a row that was resumed once and has no linear probe (DGC's
     non-finite features): every log attempt and attempts.json arrive byte for byte, with the
     metrics, config and console log, and the float16 backbone loads to the same weights. A row
@@ -109,7 +109,7 @@ def test_promote_archives_a_resumed_row_whole_and_refuses_an_unfinished_one(tmp_
     src, dest = tmp_path / "runs", tmp_path / "archive"
     shutil.copytree(archived, src / "simclr_dgc")
     (src / "simclr_dgc.log").write_text("console of the row\n")
-    cr.RESULTS = src
+    monkeypatch.setattr(cr, "RESULTS", src)  # the module is cached: the other tests must keep results/cpu
     cr.promote(["simclr_dgc"], dest)
 
     out = dest / "simclr_dgc"
