@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cdg.config import ConfigError, load_config
 from cdg.metrics import count_macs, flops_reduction_eq13
 from cdg.models import Conv3x3, create_model, list_models
+from cdg.models.resnet import StridedConv1x1
 from cdg.nn import GatedConv2d, gated_layers, make_conv_layer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,31 @@ def test_macs_match_pytorch_counter_and_hand_count():
     assert by["layer1.0.conv1"] == 64 * 64 * 9 * 32 * 32
     assert by["layer2.0.conv1"] == 128 * 64 * 9 * 16 * 16
     assert by["layer2.0.shortcut.0"] == 128 * 64 * 16 * 16
+
+
+@pytest.mark.parametrize("in_ch,size", [(8, 56), (4, 33), (16, 32)])
+def test_strided_shortcut_equals_the_strided_conv_and_trains_channels_last(in_ch, size):
+    """The 1x1 stride-2 shortcut (computed as a stride-1 conv of the subsampled input, to avoid a
+    oneDNN backward-weights fault on narrow channels-last inputs) gives nn.Conv2d's output and
+    gradients; (8, 56) is a width-0.125 ResNet-18's layer2 shortcut on 224-pixel images, which
+    segfaulted on an AVX-512 CPU as a plain nn.Conv2d; odd sizes keep the last row and column."""
+    net = create_model("resnet18", width=0.125, stem="imagenet")
+    sc = net.layer2[0].shortcut[0]
+    assert isinstance(sc, StridedConv1x1) and sc.stride == (2, 2) and sc.in_channels == 8
+    torch.manual_seed(0)
+    conv = StridedConv1x1(in_ch, 2 * in_ch, 2).to(memory_format=torch.channels_last)
+    x = torch.randn(16, in_ch, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(16, 2 * in_ch, (size + 1) // 2, (size + 1) // 2)
+    y = conv(x)
+    y.backward(g)
+    ref_w = conv.weight.detach().double().requires_grad_()
+    ref_x = x.detach().double().contiguous().requires_grad_()
+    ref = torch.nn.functional.conv2d(ref_x, ref_w, stride=2)
+    ref.backward(g.double())
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad.double(), ref_w.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_exact_reduction_reduces_to_hand_formula():
