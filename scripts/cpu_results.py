@@ -75,6 +75,9 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     # the MoCo rows with SGD as solo-learn; the same MoCo recipe with LARS (lr, weight decay unchanged)
     "mocov2_cdg_g4_lars": ("T7", "MoCo V2+ + CDG, G=4, LARS instead of SGD (deviation, diagnostic)", ["method.name=mocov2", "optim.name=lars", "optim.lr=0.3", "optim.weight_decay=1e-4", "method.queue_size=32768", "gating.mode=dual", "gating.groups=4"]),
     "mocov2_dense_lars": ("T7", "MoCo V2+ dense, LARS instead of SGD (deviation, diagnostic)", ["method.name=mocov2", "optim.name=lars", "optim.lr=0.3", "optim.weight_decay=1e-4", "method.queue_size=32768"]),
+    # ... and with SimCLR's weight decay (1e-5 instead of MoCo V2+'s 1e-4), the other optimizer difference
+    "mocov2_cdg_g4_wd1e5": ("T7", "MoCo V2+ + CDG, G=4, weight decay 1e-5 (deviation, diagnostic)", ["method.name=mocov2", "optim.name=sgd", "optim.lr=0.3", "optim.weight_decay=1e-5", "method.queue_size=32768", "gating.mode=dual", "gating.groups=4"]),
+    "mocov2_dense_wd1e5": ("T7", "MoCo V2+ dense, weight decay 1e-5 (deviation, diagnostic)", ["method.name=mocov2", "optim.name=sgd", "optim.lr=0.3", "optim.weight_decay=1e-5", "method.queue_size=32768"]),
 }
 # seeds 1 and 2 of the rows whose differences the findings weigh (seed 0 is the row itself)
 SEEDED = ("simclr_dense", "simclr_cdg_g4", "simclr_cgnet_g4")
