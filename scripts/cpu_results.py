@@ -347,7 +347,7 @@ def report() -> None:
         "",
         "## The same recipe on the 2-core CPU (`results/cpu`), a replicate on other hardware",
         "",
-        "An AVX2-only AMD EPYC without native bf16 (the `_ema09` and `_lars` MoCo V2+ rows: an AVX-512 EPYC; fp32",
+        "An AVX2-only AMD EPYC without native bf16 (the `_ema09`, `_lars` and `_wd1e5` MoCo V2+ rows: an AVX-512 EPYC; fp32",
         "throughout), one thread per row, with one to three other jobs sharing",
         "the 2 cores, so these wall times are rough. Rows with a `backbone.pt` in their folder keep their trained",
         "weights in float16 (`scripts/cpu_results.py promote`): `cdg linear|knn|finetune|visualize --run results/cpu/ROW`",
