@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
@@ -25,14 +24,14 @@ from cdg.config import load_config
 from cdg.data import build_dataset
 from cdg.methods import build_method
 from cdg.nn import threshold_layers
-from cdg.runs import load_run
+from cdg.runs import load_run, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def trained_thresholds(run: str) -> None:
     _, backbone = load_run(run)
-    per_layer = json.loads((Path(run) / "metrics.json").read_text()).get("eta_per_layer", {})
+    per_layer = read_metrics(run).get("eta_per_layer", {})
     taus = {name: float(layer.tau.detach().float().mean()) for name, layer in threshold_layers(backbone)}
     print(f"{run}: tau {min(taus.values()):.3f} to {max(taus.values()):.3f} over {len(taus)} gated layers")
     for name, tau in taus.items():
@@ -45,9 +44,13 @@ def initial_pull(rows: list[str]) -> None:
     spec = importlib.util.spec_from_file_location("cpu_results", ROOT / "scripts" / "cpu_results.py")
     cr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cr)  # type: ignore[union-attr]
+    batches: dict[tuple[str, str], torch.Tensor] = {}  # one load per dataset, shared by the rows
     for row in rows:
         cfg = load_config(str(ROOT / cr.BASE), cr.RECIPE + cr.ROWS[row][2])
-        images = build_dataset(cfg.data.dataset, cfg.data.root, "train").images[:256]
+        key = (cfg.data.dataset, str(cfg.data.root))
+        if key not in batches:
+            batches[key] = build_dataset(cfg.data.dataset, cfg.data.root, "train").images[:256]
+        images = batches[key]
         torch.manual_seed(0)
         method = build_method(cfg, steps_per_epoch=195)
         torch.manual_seed(1)
@@ -59,7 +62,7 @@ def initial_pull(rows: list[str]) -> None:
         pull = sorted(float(layer.tau.grad.abs().mean()) for _, layer in threshold_layers(method.backbone))
         weights = [p.grad.float() for p in method.backbone.parameters() if p.grad is not None and p.ndim == 4]
         norm = float(torch.sqrt(sum((g**2).sum() for g in weights)))
-        print(f"{row}: L_ssl {float(loss):.3f}; mean |dL_ssl/dtau| per layer {pull[0]:.2e} to {pull[-1]:.2e} "
+        print(f"{row}: L_ssl {loss.item():.3f}; mean |dL_ssl/dtau| per layer {pull[0]:.2e} to {pull[-1]:.2e} "
               f"(median {pull[len(pull) // 2]:.2e}); Eq. 11 pull at tau = 0: {2 * cfg.gating.lam * cfg.gating.target:.1e}; "
               f"conv-weight gradient norm {norm:.3f}  [init, seed 0, one batch of 256, {cfg.optim.name}]")
 
