@@ -37,8 +37,8 @@ class StridedConv1x1(nn.Conv2d):
     workspace when the input has fewer channels than its channel block (16 with AVX-512, 8 with AVX2):
     training a width-0.125 ResNet-18 on 224-pixel images segfaults on an AVX-512 CPU (PyTorch 2.14,
     oneDNN 3.12; upstream uxlfoundation/oneDNN#6035, which also reports wrong gradients on AVX2).
-    Subsampling first avoids that code path but took up to 2.5x the shortcut's time at batch 256, so
-    wider shortcuts keep the plain strided convolution. Weights, ``stride`` and state-dict keys are
+    Subsampling first avoids that code path but took 2.2x the shortcut's time at 16 channels, batch
+    256 (benchmarks/bench_shortcut.py), so wider shortcuts keep the plain strided convolution. Weights, ``stride`` and state-dict keys are
     those of the ``nn.Conv2d`` it replaces, so checkpoints, FLOP counts and exports are unchanged."""
 
     #: the widest channel block of oneDNN's x86 kernels (AVX-512); 12 channels still faulted there
