@@ -4,7 +4,7 @@
   stride-1 form that :class:`cdg.models.resnet.StridedConv1x1` uses below 16 input channels, at the
   CIFAR recipe's shortcut shapes (batch 256, 1 thread, interleaved rounds).
 * ``--probe``: does the plain strided convolution's backward survive (each case in its own process,
-  since the oneDNN fault is a segfault)? Prints ok / the exit signal per (channels, size).
+  since the oneDNN fault is a segfault or a hang)? Prints ok / the exit status / hung per (channels, size).
 
     python benchmarks/bench_shortcut.py [--probe]
 """
@@ -33,9 +33,12 @@ F.conv2d(x, w, stride=2).sum().backward()
 def probe() -> None:
     for c in (4, 8, 12, 16, 24, 40):
         for h in (32, 56, 112):
-            r = subprocess.run([sys.executable, "-c", CASE.format(c=c, h=h)], capture_output=True, timeout=120)
-            print(f"plain 1x1 stride-2 conv, backward, {c} channels, {h}x{h}, batch 16: "
-                  + ("ok" if r.returncode == 0 else f"exit {r.returncode}"), flush=True)
+            try:
+                r = subprocess.run([sys.executable, "-c", CASE.format(c=c, h=h)], capture_output=True, timeout=60)
+                outcome = "ok" if r.returncode == 0 else f"exit {r.returncode}"
+            except subprocess.TimeoutExpired:
+                outcome = "hung (killed after 60 s)"
+            print(f"plain 1x1 stride-2 conv, backward, {c} channels, {h}x{h}, batch 16: {outcome}", flush=True)
 
 
 def timing() -> None:
